@@ -1,0 +1,94 @@
+"""Size the draft tree for the hardware it runs on.
+
+A bigger tree accepts more tokens per verify step but makes each target forward slower; on a CPU the forward
+cost grows quickly with the node count (the reference Medusa 64-node tree ran 5x slower than plain decoding on
+SmolLM2 here). We time one verify forward for several node counts on the current device, time the drafter for
+each candidate tree, and keep the tree that maximises expected tokens per second:
+
+    speed(n) = (1 + sum of expected acceptances of its n - 1 drafted nodes) / (t_draft(n) + t_verify(n))
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from .speculative import Proposer
+from .target import target_forward
+from .tree import TokenTree, expected_accept_lengths, grow_tree, tree_attention_mask
+
+NODE_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def verify_latency(target: PreTrainedModel, node_counts=NODE_COUNTS, context_len: int = 256,
+                   repeats: int = 5) -> dict[int, float]:
+    """Median seconds of one target forward of n tree nodes on top of a context_len-token KV cache."""
+    vocab = target.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randint(vocab, (1, context_len), generator=gen)
+    cache = DynamicCache(config=target.config)
+    target_forward(target, context, past_key_values=cache, logits_at=1)
+    dtype = target.get_output_embeddings().weight.dtype
+    latency = {}
+    for n in node_counts:
+        tree = TokenTree(torch.randint(vocab, (n,), generator=gen), [-1] + [0] * (n - 1))  # a star: depth <= 1
+
+        def step():
+            target_forward(target, tree.tokens[None], past_key_values=cache,
+                           position_ids=(context_len + torch.tensor(tree.depths()))[None],
+                           attention_mask=tree_attention_mask(tree, context_len, dtype))
+            cache.crop(-n)  # transformers 5: a negative count removes that many tokens
+        latency[n] = _median_seconds(step, repeats)
+    return latency
+
+
+@dataclass
+class TreeChoice:
+    paths: list[tuple[int, ...]]     # non-root nodes, as per-head rank paths
+    expected_tau: float              # predicted tokens per verify step
+    predicted_speedup: float         # predicted tokens/s over plain decoding
+    table: list[dict]                # every candidate: nodes, expected_tau, seconds per step, predicted speedup
+
+
+def choose_tree(accuracy: list[list[float]], latency: dict[int, float], draft_seconds) -> TreeChoice:
+    """accuracy[k][i]: P(rank-i token of head k is right). draft_seconds(paths) -> seconds to propose them."""
+    plain = latency[1]
+    table = []
+    for n in sorted(latency):
+        if n < 2:
+            continue
+        paths = grow_tree(accuracy, n - 1)
+        if len(paths) < n - 1:
+            break  # the tree cannot grow further with these heads and ranks
+        tau = 1 + sum(expected_accept_lengths(paths, accuracy))
+        step = latency[n] + draft_seconds(paths)
+        table.append({"nodes": n, "expected_tau": tau, "step_seconds": step, "predicted_speedup": tau * plain / step})
+    if not table:
+        raise ValueError("no candidate tree: measure at least one node count >= 2")
+    best = max(table, key=lambda row: row["predicted_speedup"])
+    return TreeChoice(grow_tree(accuracy, best["nodes"] - 1), best["expected_tau"], best["predicted_speedup"], table)
+
+
+def proposer_seconds(make_proposer, hidden_size: int, dtype: torch.dtype, repeats: int = 5):
+    """A draft_seconds function for `choose_tree`: times propose() of the proposer built for given paths."""
+    hidden = torch.zeros(1, hidden_size, dtype=dtype)
+
+    def seconds(paths) -> float:
+        proposer: Proposer = make_proposer(paths)
+        proposer.begin(torch.tensor([0]), hidden)
+        return _median_seconds(lambda: proposer.propose(0), repeats)
+    return seconds

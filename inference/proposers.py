@@ -1,0 +1,45 @@
+"""Proposers: each drafter kind's side of the verification protocol (`inference.speculative.Proposer`)."""
+from __future__ import annotations
+
+import torch
+
+from drafters.medusa import MedusaModel
+
+from .tree import TokenTree
+
+
+class MedusaProposer:
+    """Medusa tree drafting: node path (r_1, ..., r_d) carries the rank-r_d token of head d-1, read from the
+    target's last hidden state h_t; the root is x_{t+1}, the target's own choice."""
+
+    def __init__(self, drafter: MedusaModel, paths: list[tuple[int, ...]]):
+        if not paths:
+            raise ValueError("a Medusa tree needs at least one non-root node")
+        too_deep = [p for p in paths if len(p) > drafter.config.num_heads]
+        if too_deep:
+            raise ValueError(f"tree paths {too_deep[:3]} are deeper than the drafter's "
+                             f"{drafter.config.num_heads} heads")
+        index = {(): 0}
+        for i, path in enumerate(sorted(paths, key=len), start=1):  # parents before children
+            index[path] = i
+        missing = [p for p in index if p and p[:-1] not in index]
+        if missing:
+            raise ValueError(f"tree paths {missing[:3]} have no parent path in the tree")
+        self.drafter = drafter
+        self.paths = sorted(paths, key=len)
+        self.parents = [-1] + [index[p[:-1]] for p in self.paths]
+        self.depth = max(len(p) for p in paths)
+        self.topk = [1 + max((p[d] for p in paths if len(p) > d), default=0) for d in range(self.depth)]
+        self.hidden: torch.Tensor | None = None  # [H], the target's hidden state that chose the root
+
+    def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        self.hidden = hidden_states[-1]
+
+    def propose(self, root: int) -> TokenTree:
+        states = self.drafter.head_states(self.hidden)[:self.depth]       # depth x [H]
+        top = [self.drafter.head_logits(d, s).topk(k).indices for d, (s, k) in enumerate(zip(states, self.topk))]
+        tokens = [root] + [top[len(p) - 1][p[-1]].item() for p in self.paths]
+        return TokenTree(torch.tensor(tokens), self.parents)
+
+    def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        self.hidden = hidden_states[-1]

@@ -1,0 +1,145 @@
+"""The verification loop: a drafter proposes a token tree, the target scores every node in one forward pass,
+and the longest path the target agrees with is kept (its KV entries compacted, the rest dropped).
+
+Greedy verification is lossless: the output is token for token the target's own greedy output. Typical
+acceptance (Medusa, Cai et al. 2024, sec. 3.3.1) is offered for temperature > 0 and is LOSSY: it accepts any
+candidate the target finds "typical enough", so the output distribution is not the target's.
+
+Batch size 1 throughout (as in Spec-Bench); shapes below drop the batch dimension where it is always 1.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from .target import target_forward
+from .tree import TokenTree, tree_attention_mask
+
+
+class Proposer(Protocol):
+    """What every drafter kind implements to take part in verification."""
+
+    def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        """A new sequence: input_ids [T] the prompt, hidden_states [T, H] the target's last hidden states."""
+
+    def propose(self, root: int) -> TokenTree:
+        """Candidate continuations after `root`, the token the target chose last (not yet in its KV cache)."""
+
+    def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        """Learn what was accepted: tokens [n] entered the target's cache, hidden_states [n, H] are theirs."""
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]                     # the new tokens, eos included if emitted
+    forwards: int                         # target forward passes, prefill included
+    accept_lengths: list[int] = field(default_factory=list)  # per verify step: drafted tokens accepted
+    seconds: float = 0.0
+
+
+@dataclass
+class Acceptance:
+    """How candidates are accepted. temperature 0: greedy (lossless). temperature > 0: typical acceptance
+    (lossy) with Medusa's defaults epsilon (posterior_threshold) 0.09 and delta (posterior_alpha) 0.3."""
+    temperature: float = 0.0
+    epsilon: float = 0.09
+    delta: float = 0.3
+
+
+def _choose(logits: torch.Tensor, acceptance: Acceptance, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [N, V] -> the target's token after each node [N] (argmax, or a sample at the temperature)."""
+    if acceptance.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / acceptance.temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _accepted_nodes(tree: TokenTree, logits: torch.Tensor, acceptance: Acceptance) -> list[bool]:
+    """Which nodes lie on a path the target accepts. logits [N, V]: the target's logits after each node."""
+    if acceptance.temperature == 0:
+        ok = (tree.tokens[1:] == logits.argmax(-1)[tree.parents[1:]]).tolist()
+    else:  # typical acceptance: p(x) > min(epsilon, delta * exp(-H(p)))
+        probs = torch.softmax(logits.float() / acceptance.temperature, dim=-1)       # [N, V]
+        entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)              # [N]
+        threshold = torch.minimum(torch.full_like(entropy, acceptance.epsilon), acceptance.delta * (-entropy).exp())
+        parents = torch.tensor(tree.parents[1:])
+        ok = (probs[parents, tree.tokens[1:]] > threshold[parents]).tolist()
+    accepted = [True] + [False] * (len(tree) - 1)
+    for i in range(1, len(tree)):
+        accepted[i] = ok[i - 1] and accepted[tree.parents[i]]
+    return accepted
+
+
+def keep_cache_entries(cache: DynamicCache, prefix_len: int, keep: torch.Tensor) -> None:
+    """Keep cache positions [0, prefix_len) followed by prefix_len + keep (keep [n], sorted); drop the rest."""
+    n = len(keep)
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise NotImplementedError(f"tree verification compacts full-attention caches only, got {type(layer).__name__} "
+                                      "(sliding-window or linear-attention layers); use a chain-only drafter")
+        for name in ("keys", "values"):
+            kv = getattr(layer, name)                               # [1, heads, prefix_len + N, head_dim]
+            kv[:, :, prefix_len:prefix_len + n] = kv[:, :, prefix_len + keep]
+            setattr(layer, name, kv[:, :, :prefix_len + n])
+
+
+def _finish(new: list[int], out: list[int], max_new_tokens: int, eos: set[int]) -> bool:
+    """Append `new` to `out`, cut at eos or the budget; True when generation is over."""
+    for t in new:
+        out.append(t)
+        if t in eos or len(out) >= max_new_tokens:
+            return True
+    return False
+
+
+@torch.no_grad()
+def plain_generate(target: PreTrainedModel, input_ids: torch.Tensor, max_new_tokens: int, eos: set[int],
+                   acceptance: Acceptance = Acceptance(), generator: torch.Generator | None = None) -> GenerationResult:
+    """Plain autoregressive decoding: one target forward per token (the baseline, tau = 1)."""
+    start = time.perf_counter()
+    cache = DynamicCache(config=target.config)
+    out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1)
+    result, forwards = [], 1
+    while not _finish(_choose(out.logits[0], acceptance, generator).tolist(), result, max_new_tokens, eos):
+        out = target_forward(target, torch.tensor([[result[-1]]]), past_key_values=cache, logits_at=1)
+        forwards += 1
+    return GenerationResult(result, forwards, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def speculative_generate(target: PreTrainedModel, proposer: Proposer, input_ids: torch.Tensor,
+                         max_new_tokens: int, eos: set[int], acceptance: Acceptance = Acceptance(),
+                         generator: torch.Generator | None = None) -> GenerationResult:
+    """Draft -> verify in one forward -> keep the longest accepted path (+ the target's bonus token)."""
+    start = time.perf_counter()
+    cache = DynamicCache(config=target.config)
+    out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1)
+    proposer.begin(input_ids, out.hidden_states[0])
+    result = GenerationResult([], forwards=1)
+    root = _choose(out.logits[0], acceptance, generator).tolist()
+    done = _finish(root, result.tokens, max_new_tokens, eos)
+    while not done:
+        tree = proposer.propose(result.tokens[-1])
+        prefix_len = cache.get_seq_length()
+        depths = torch.tensor(tree.depths())
+        out = target_forward(
+            target, tree.tokens[None], past_key_values=cache, position_ids=(prefix_len + depths)[None],
+            attention_mask=tree_attention_mask(tree, prefix_len, out.hidden_states.dtype),
+        )
+        result.forwards += 1
+        logits = out.logits[0]                                              # [N, V]
+        accepted = _accepted_nodes(tree, logits, acceptance)
+        best = max(range(len(tree)), key=lambda i: (accepted[i] and depths[i].item(), -i))
+        path = torch.tensor(tree.path_to(best))                            # [n], root first
+        keep_cache_entries(cache, prefix_len, path)
+        proposer.update(tree.tokens[path], out.hidden_states[0, path])
+        result.accept_lengths.append(len(path) - 1)
+        bonus = _choose(logits[best:best + 1], acceptance, generator).tolist()
+        done = _finish(tree.tokens[path[1:]].tolist() + bonus, result.tokens, max_new_tokens, eos)
+    result.seconds = time.perf_counter() - start
+    return result

