@@ -1,0 +1,386 @@
+"""Read chat conversations from JSONL / ShareGPT JSON / Hugging Face datasets into one normalised form.
+
+Every source ends up as `Conversation(id, messages)` with messages `{"role": "system"|"user"|"assistant",
+"content": str}`: optional leading system turn(s), then a user turn, alternating roles, ending with an
+assistant turn. Whatever had to be skipped or repaired on the way is counted in a `LoadReport`, so a
+caller can print one line and nobody wonders where 6,000 conversations went.
+"""
+from __future__ import annotations
+
+import codecs
+import collections
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+# ShareGPT's `from` names and OpenAI's `role` names -> our three roles. Anything else is skipped, counted.
+ROLE_MAP = {
+    "system": "system",
+    "human": "user", "user": "user",
+    "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant", "assistant": "assistant", "model": "assistant",
+}
+# End-of-text strings that text corpora leave at the end of answers (T0's targets end in GPT-2's '<|endoftext|>').
+# The chat template writes the target's own end-of-turn token, so a trailing one is stripped (and counted).
+TRAILING_END_MARKERS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<|eot_id|>", "<eos>")
+MERGE_SEPARATOR = "\n\n"  # joins consecutive same-role turns (ShareGPT splits long answers into several gpt turns)
+MAX_EXAMPLES_PER_REASON = 3  # how many locations the report keeps per skip reason
+_READ_CHUNK_CHARS = 1 << 24  # 16 Mi chars per read when walking a JSON array
+
+
+@dataclass
+class Conversation:
+    id: str
+    messages: list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+
+
+@dataclass
+class LoadReport:
+    """What happened while reading (and tokenizing) a source. Never silent: every dropped record is counted."""
+    source: str
+    records: int = 0  # records read from the source
+    kept: int = 0  # conversations returned (after tokenizing: rows in the dataset)
+    skipped: collections.Counter = field(default_factory=collections.Counter)  # reason -> count
+    repaired: collections.Counter = field(default_factory=collections.Counter)  # repair -> count (kept records)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few "file:line (id ...)"
+    notes: list[str] = field(default_factory=list)
+    tokenized: int = 0  # conversations tokenized by this call (0 when a token cache was used)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        seen = self.examples.setdefault(reason, [])
+        if len(seen) < MAX_EXAMPLES_PER_REASON:
+            seen.append(where)
+
+    def summary(self) -> str:
+        """One human line, e.g. `train.jsonl: kept 9 of 12 records; skipped 3 (no assistant turn: 3 [e.g. ...])`."""
+        parts = [f"{self.source}: kept {self.kept:,} of {self.records:,} records"]
+        if self.skipped:
+            reasons = "; ".join(
+                f"{reason}: {count:,} [e.g. {', '.join(self.examples.get(reason, []))}]"
+                for reason, count in self.skipped.most_common()
+            )
+            parts.append(f"skipped {sum(self.skipped.values()):,} ({reasons})")
+        if self.repaired:
+            parts.append("repaired " + ", ".join(f"{r}: {c:,}" for r, c in self.repaired.most_common()))
+        parts.extend(self.notes)
+        return "; ".join(parts)
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "records": self.records, "kept": self.kept, "skipped": dict(self.skipped),
+                "repaired": dict(self.repaired), "examples": self.examples, "notes": self.notes}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LoadReport":
+        return cls(source=d["source"], records=d["records"], kept=d["kept"],
+                   skipped=collections.Counter(d["skipped"]), repaired=collections.Counter(d["repaired"]),
+                   examples=d["examples"], notes=list(d["notes"]))
+
+
+class SkipRecord(Exception):
+    """Internal: this record cannot be used; `reason` is the counter key."""
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Normalising one record
+# ----------------------------------------------------------------------------------------------------------
+
+def _turn_text(content: Any) -> str:
+    """A turn's text: a string, or OpenAI-style content parts that are all `{"type": "text", "text": ...}`."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    raise SkipRecord("non-text content")
+
+
+def _read_turns(turns: Any) -> list[dict]:
+    """Validate roles and text of every turn; map ShareGPT/OpenAI role names to ours."""
+    if not isinstance(turns, list):
+        raise SkipRecord("messages is not a list")
+    if not turns:
+        raise SkipRecord("empty conversation")
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise SkipRecord("turn is not an object")
+        raw_role = turn.get("role", turn.get("from"))
+        role = ROLE_MAP.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
+        if role is None:
+            raise SkipRecord(f"unknown role {raw_role!r}")
+        out.append({"role": role, "content": _turn_text(turn.get("content", turn.get("value")))})
+    return out
+
+
+def _strip_end_markers(turns: list[dict], repairs: list[str]) -> list[dict]:
+    """'The answer.<|endoftext|>' -> 'The answer.' for assistant turns; an answer that was only a marker is
+    then empty text."""
+    out = []
+    for t in turns:
+        text = t["content"]
+        while t["role"] == "assistant" and text.endswith(TRAILING_END_MARKERS):
+            text = text[:-len(next(m for m in TRAILING_END_MARKERS if text.endswith(m)))]
+        if text != t["content"]:
+            repairs.append("stripped end-of-text marker ending an answer")
+        out.append({"role": t["role"], "content": text})
+    return out
+
+
+def _drop_empty_system(turns: list[dict], repairs: list[str]) -> list[dict]:
+    """Empty system prompts are common filler; empty user/assistant text makes the whole record unusable."""
+    kept = []
+    for t in turns:
+        if t["content"].strip():
+            kept.append(t)
+        elif t["role"] == "system":
+            repairs.append("dropped empty system turn")
+        else:
+            raise SkipRecord("empty text")
+    return kept
+
+
+def _merge_same_role(turns: list[dict], repairs: list[str]) -> list[dict]:
+    """Consecutive turns of one role become one turn, texts joined by a blank line."""
+    merged: list[dict] = []
+    for t in turns:
+        if merged and merged[-1]["role"] == t["role"]:
+            merged[-1] = {"role": t["role"], "content": merged[-1]["content"] + MERGE_SEPARATOR + t["content"]}
+            repairs.append("merged consecutive same-role turns")
+        else:
+            merged.append(dict(t))
+    return merged
+
+
+def _trim_ends(turns: list[dict], repairs: list[str]) -> list[dict]:
+    """Keep leading system turn(s); drop non-user turns before the first user turn and turns after the last
+    assistant turn (they train nothing)."""
+    n_system = 0
+    while n_system < len(turns) and turns[n_system]["role"] == "system":
+        n_system += 1
+    first_user = next((i for i in range(n_system, len(turns)) if turns[i]["role"] == "user"), None)
+    if first_user is None:
+        raise SkipRecord("no user turn")
+    if first_user > n_system:
+        repairs.append("dropped leading non-user turns")
+    body = turns[first_user:]
+    last_assistant = max((i for i, t in enumerate(body) if t["role"] == "assistant"), default=None)
+    if last_assistant is None:
+        raise SkipRecord("no assistant turn")
+    if last_assistant < len(body) - 1:
+        repairs.append("dropped trailing non-assistant turns")
+    return turns[:n_system] + body[:last_assistant + 1]
+
+
+def normalise_record(record: Any) -> tuple[list[dict], list[str]]:
+    """One raw record (OpenAI `messages` or ShareGPT `conversations`) -> (messages, repairs made).
+
+    Raises `SkipRecord` when the record cannot be used.
+    """
+    if not isinstance(record, dict):
+        raise SkipRecord("record is not a JSON object")
+    turns = record.get("messages")
+    if turns is None:
+        turns = record.get("conversations")
+    if turns is None:
+        raise SkipRecord("no 'messages' or 'conversations' field")
+    repairs: list[str] = []
+    messages = _drop_empty_system(_strip_end_markers(_read_turns(turns), repairs), repairs)
+    messages = _merge_same_role(messages, repairs)
+    # Merge again after trimming is unnecessary: trimming only removes turns at the ends.
+    return _trim_ends(messages, repairs), repairs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Readers: each yields (record, where it is: 'file.jsonl:12' or 'file.json[3]')
+# ----------------------------------------------------------------------------------------------------------
+
+def _first_json_byte(path: str) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")  # skip a UTF-8 BOM and whitespace
+    return head[:1]
+
+
+def _iter_jsonl(path: str, report: LoadReport) -> Iterator[tuple[Any, str]]:
+    """One JSON record per line; a malformed line is a counted skip naming file:line."""
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+                report.records += 1
+                report.skip("malformed JSON", f"{name}:{line_no} ({type(e).__name__}: {e})")
+                continue
+            yield record, f"{name}:{line_no}"
+
+
+class _ArrayWalker:
+    """Stream the elements of a top-level JSON array with `raw_decode`, reading 16 Mi chars at a time.
+
+    Stops at the first element that does not decode (a truncated file ends mid-element) and remembers where.
+    """
+    _SEPARATOR = re.compile(r"\s*,?\s*")  # whitespace, at most one comma, whitespace
+
+    def __init__(self, path: str):
+        self.path = path
+        self.decoder = json.JSONDecoder()
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.buf, self.pos, self.eof = "", 0, False
+        self.done_bytes, self.done_lines = 0, 0  # bytes / newlines before buf[0]
+        self.stop_error: json.JSONDecodeError | None = None
+        self.closed = False  # saw the closing `]`
+
+    def _refill(self, f) -> None:
+        """Drop the consumed part of the buffer and append the next chunk (keeps memory at ~one chunk)."""
+        consumed = self.buf[:self.pos]
+        self.done_bytes += len(consumed.encode("utf-8"))
+        self.done_lines += consumed.count("\n")
+        chunk = f.read(_READ_CHUNK_CHARS)
+        self.eof = not chunk
+        self.buf, self.pos = self.buf[self.pos:] + self.utf8.decode(chunk, final=False), 0
+
+    def location(self) -> tuple[int, int]:
+        """(byte offset, 1-based line) of self.pos in the file."""
+        prefix = self.buf[:self.pos]
+        return self.done_bytes + len(prefix.encode("utf-8")), self.done_lines + prefix.count("\n") + 1
+
+    def __iter__(self) -> Iterator[Any]:
+        with open(self.path, "rb") as f:
+            self._refill(f)
+            self.pos = self.buf.index("[") + 1  # caller checked the first byte is `[`
+            while True:
+                self.pos = self._SEPARATOR.match(self.buf, self.pos).end()
+                if self.pos < len(self.buf) and self.buf[self.pos] == "]":
+                    self.closed = True
+                    return
+                try:
+                    record, end = self.decoder.raw_decode(self.buf, self.pos)
+                except json.JSONDecodeError as e:
+                    if self.eof:
+                        self.stop_error = e
+                        return
+                    self._refill(f)  # the element may continue in the next chunk
+                    continue
+                if end == len(self.buf) and not self.eof:
+                    self._refill(f)  # a bare number cut by the chunk ("12|3") decodes early; read on and redo
+                    continue
+                self.pos = end
+                yield record
+
+
+def _iter_json_array(path: str, report: LoadReport) -> Iterator[tuple[Any, str]]:
+    """Elements of a JSON array file; a truncated array yields its complete elements and says so in a note."""
+    walker, name, index = _ArrayWalker(path), os.path.basename(path), -1
+    for index, record in enumerate(walker):
+        yield record, f"{name}[{index}]"
+    if walker.closed:
+        return
+    stop_byte, stop_line = walker.location()
+    what = "truncated JSON array" if _looks_truncated(walker) else "malformed JSON array"
+    report.notes.append(
+        f"{what}: recovered {index + 1:,} complete records from {path}, stopped at byte {stop_byte:,} "
+        f"(line {stop_line:,}) of {os.path.getsize(path):,} bytes ({walker.stop_error.msg})"
+    )
+
+
+def _looks_truncated(walker: _ArrayWalker) -> bool:
+    """A file cut short fails on an unterminated string or at its very end; anything else is malformed."""
+    e = walker.stop_error
+    return e.msg.startswith("Unterminated string") or not walker.buf[e.pos:].strip()
+
+
+def _iter_hf_dataset(source: str, report: LoadReport) -> Iterator[tuple[Any, str]]:
+    """Rows of a `save_to_disk` directory or a `load_dataset` name (train split)."""
+    dataset = _open_hf_dataset(source)
+    columns = set(dataset.column_names)
+    if not columns & {"messages", "conversations"}:
+        raise ValueError(
+            f"dataset {source!r} has columns {sorted(columns)} but no 'messages' or 'conversations' column; "
+            "draftsmith reads OpenAI-style `messages` or ShareGPT-style `conversations` — rename the column "
+            "(`dataset.rename_column(old, 'messages')`) and save it with `save_to_disk`."
+        )
+    name = os.path.basename(os.path.normpath(source))
+    for index, row in enumerate(dataset):
+        yield row, f"{name}[{index}]"
+
+
+def _open_hf_dataset(source: str):
+    import datasets  # imported lazily: plain JSON sources do not need it
+
+    if os.path.isdir(source) and (
+        os.path.exists(os.path.join(source, "dataset_dict.json")) or os.path.exists(os.path.join(source, "state.json"))
+    ):
+        loaded = datasets.load_from_disk(source)
+    else:
+        try:
+            loaded = datasets.load_dataset(source, split="train")
+        except (FileNotFoundError, ConnectionError) as e:
+            raise ValueError(
+                f"conversation source {source!r} is not a .jsonl/.json file, not a `save_to_disk` directory, and "
+                f"`datasets.load_dataset` could not open it ({type(e).__name__}: {e}). Pass a path to a file or "
+                "directory, or a dataset name that is in the local Hugging Face cache."
+            ) from e
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(f"dataset {source!r} has splits {list(loaded)} but no 'train' split; "
+                             "save the split you want with `dataset_dict[split].save_to_disk(path)`.")
+        loaded = loaded["train"]
+    return loaded
+
+
+def _iter_records(source: str, report: LoadReport) -> Iterator[tuple[Any, str]]:
+    """Pick a reader by what `source` is."""
+    if os.path.isfile(source):
+        first = _first_json_byte(source)
+        if not first:
+            raise ValueError(f"{source} is empty; pass a file with conversations in it.")
+        if first == b"[":
+            return _iter_json_array(source, report)
+        if first == b"{":
+            return _iter_jsonl(source, report)
+        raise ValueError(
+            f"{source} is not JSON Lines or a JSON array (first non-blank byte is {first!r}); "
+            "pass a .jsonl file with one {\"messages\": [...]} or {\"conversations\": [...]} object per line, "
+            "a ShareGPT .json array, or a Hugging Face dataset directory."
+        )
+    looks_like_a_path = source.endswith((".json", ".jsonl")) or source.startswith(("/", "./", "../"))
+    if looks_like_a_path and not os.path.exists(source):
+        raise FileNotFoundError(f"conversation source {source} does not exist; pass an existing .jsonl/.json file, "
+                                "a `save_to_disk` directory, or a Hugging Face dataset name.")
+    return _iter_hf_dataset(source, report)
+
+
+def load_conversations(source: str, limit: int | None = None) -> tuple[list[Conversation], LoadReport]:
+    """Read conversations from `source` (see module docstring); stop after `limit` kept conversations.
+
+    Returns the conversations and a report of everything skipped or repaired. Raises `ValueError` when the
+    source cannot be read at all or yields no usable conversation.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be None or >= 1, got {limit}")
+    report = LoadReport(source=source)
+    conversations: list[Conversation] = []
+    for record, where in _iter_records(source, report):
+        if limit is not None and len(conversations) >= limit:
+            report.notes.append(f"stopped after limit={limit:,} conversations")
+            break
+        report.records += 1
+        record_id = record.get("id") if isinstance(record, dict) else None
+        record_id = str(record_id) if record_id not in (None, "") else where
+        try:
+            messages, repairs = normalise_record(record)
+        except SkipRecord as s:
+            report.skip(s.reason, where if record_id == where else f"{where} (id {record_id!r})")
+            continue
+        report.repaired.update(repairs)
+        conversations.append(Conversation(id=record_id, messages=messages))
+    report.kept = len(conversations)
+    if not conversations:
+        raise ValueError(f"no usable conversation in {source}: {report.summary()}")
+    return conversations, report
