@@ -69,7 +69,8 @@ def _resolve_source(name_or_path: str, revision: str | None) -> str:
     if name_or_path in EMBEDDED_TARGETS:
         if revision is not None:
             raise ValueError(
-                f"embedded target {name_or_path!r} has no revisions (its wheel version pins it); got revision={revision!r}"
+                f"embedded target {name_or_path!r} has no revisions (its wheel version pins it); "
+                f"got revision={revision!r}"
             )
         return str(embedded_target(name_or_path))
     path = Path(name_or_path).expanduser()
@@ -149,7 +150,7 @@ def _select_positions(hidden: torch.Tensor, logits_at: int | torch.Tensor | None
 
 
 def _lm_logits(target: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The target's LM head on hidden [B, T', H] -> [B, T', V], with final-logit soft-capping where the config has it."""
+    """The target's LM head on hidden [B, T', H] -> [B, T', V], with final-logit soft-capping if the config has it."""
     logits = target.get_output_embeddings()(hidden)
     cap = getattr(target.config, "final_logit_softcapping", None)
     if cap is not None:
