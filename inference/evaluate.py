@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.check_lossless and args.temperature != 0:
+        p.error("--check-lossless compares against greedy decoding: use --temperature 0")
     target, tokenizer = load_target(args.target, dtype=args.dtype)
     drafter = load_drafter(args.drafter, target).to(target.dtype)
     report = evaluate_drafter(target, tokenizer, drafter, args.questions, max_new_tokens=args.max_new_tokens,

@@ -1,0 +1,82 @@
+"""The evaluation CLI end to end on a tiny saved target + Medusa drafter, and lossless decoding of chat prompts
+that end right at a multi-turn boundary."""
+import json
+
+import pytest
+import torch
+
+from drafters import MedusaModel, load_drafter
+from inference.evaluate import format_table, main, stop_tokens
+from inference.proposers import MedusaProposer
+from inference.speculative import speculative_generate
+from inference.target import load_target
+from conftest import make_tiny_target
+from tiny_assets import tiny_tokenizer, write_questions, write_tiny_target
+
+REPORT_FIELDS = {"tau", "speedup", "tokens_per_s", "baseline_tokens_per_s", "target_forwards", "new_tokens"}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    target_dir = write_tiny_target(root / "target")
+    target, _ = load_target(target_dir)
+    drafter = MedusaModel.from_target(target, num_heads=3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in drafter.blocks.parameters():
+            p.normal_(0, 0.05)
+    drafter.config.head_topk_accuracy = [[0.5, 0.2, 0.1], [0.3, 0.1, 0.1], [0.2, 0.1, 0.05]]
+    drafter.save_pretrained(root / "drafter")
+    return {"target": target_dir, "drafter": str(root / "drafter"), "questions": write_questions(root / "q.jsonl"),
+            "root": root}
+
+
+def test_evaluate_cli_writes_report_and_is_lossless(saved, capsys):
+    out = saved["root"] / "eval.json"
+    main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
+          "--output", str(out), "--max-new-tokens", "24", "--check-lossless", "--max-tree-nodes", "8"])
+    report = json.loads(out.read_text())
+    assert report["lossless"] == {"checked": 5, "mismatches": 0}  # 4 questions, one with two turns
+    assert set(report["per_category"]) == {"writing", "qa"}
+    for row in [report["overall"], *report["per_category"].values()]:
+        assert REPORT_FIELDS <= set(row)
+        assert row["tau"] == pytest.approx(row["new_tokens"] / row["target_forwards"])
+        assert row["tau"] >= 1.0
+    cats = report["per_category"].values()
+    assert report["overall"]["new_tokens"] == sum(r["new_tokens"] for r in cats)
+    assert report["overall"]["target_forwards"] == sum(r["target_forwards"] for r in cats)
+    assert 2 <= report["setup"]["tree"]["nodes"] <= 8
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:3] == ["category", "tau", "speedup"] and "overall" in table
+    assert format_table(report) in table
+
+
+def test_evaluate_refuses_drafter_of_another_target(saved, tmp_path):
+    other = MedusaModel.from_target(make_tiny_target("qwen2", vocab_size=999, hidden_size=32), num_heads=2)
+    other.save_pretrained(tmp_path / "bad")
+    with pytest.raises(ValueError, match="hidden_size: drafter 32, target 64; vocab_size: drafter 999, target 320"):
+        load_drafter(str(tmp_path / "bad"), load_target(saved["target"])[0])
+
+
+def test_check_lossless_needs_greedy(saved, capsys):
+    with pytest.raises(SystemExit):
+        main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
+              "--check-lossless", "--temperature", "0.7"])
+    assert "--check-lossless compares against greedy decoding: use --temperature 0" in capsys.readouterr().err
+
+
+def test_prompt_at_multi_turn_boundary_is_lossless(saved):
+    target, _ = load_target(saved["target"])
+    tok = tiny_tokenizer()
+    drafter = load_drafter(saved["drafter"], target)
+    messages = [{"role": "user", "content": "Tell me about the cat."},
+                {"role": "assistant", "content": "The cat sat on a mat."},
+                {"role": "user", "content": "Why?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert tok.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    reference = target.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                eos_token_id=2, pad_token_id=0)[0, len(prompt):].tolist()
+    proposer = MedusaProposer(drafter, [(0,), (1,), (0, 0), (0, 0, 0)])
+    result = speculative_generate(target, proposer, torch.tensor(prompt), 32, stop_tokens(target, tok))
+    assert result.tokens == reference
