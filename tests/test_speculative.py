@@ -77,6 +77,7 @@ def test_medusa_tree_verification_is_lossless(tiny_target, prompt):
     paths = grow_tree([[0.6, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.1, 0.1]], max_nodes=10)
     result = speculative_generate(tiny_target, MedusaProposer(drafter, paths), torch.tensor(prompt), 40, EOS)
     assert result.tokens == hf_greedy(tiny_target, prompt, 40)
+    assert sum(result.accept_lengths) > 0  # some drafted tokens were accepted, so compaction was exercised
 
 
 def test_max_new_tokens_and_eos_cut_exactly(tiny_target):
