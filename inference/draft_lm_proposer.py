@@ -1,0 +1,97 @@
+"""A draft LM's side of the verification protocol: greedy chain drafting (Leviathan et al., 2023; Chen et al.,
+2023), gamma = k draft tokens per step.
+
+The draft keeps its own KV cache over the accepted sequence. Between steps it holds three kinds of tokens:
+  base     tokens in the draft cache that the target accepted (prompt + accepted text)
+  tail     tokens in the draft cache past `base` that are not yet known to be accepted (the last root and drafts)
+  pending  accepted tokens not yet in the draft cache (the last draft token when all k were accepted)
+`update` keeps the longest part of `tail` that the target accepted, crops the rest from the cache, and queues
+the accepted tokens the cache lacks; `propose` feeds those together with the new root in one forward pass.
+"""
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+from transformers import DynamicCache, PreTrainedModel
+
+from .target import target_forward
+from .tree import TokenTree
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class DraftLMProposer:
+    """Chain proposer for a draft causal LM sharing the target's vocabulary.
+
+    Adaptive k (adaptive=True), with a = drafted tokens the target accepted in the last step:
+      a == k          -> k + 1 (at most k_max): the draft was right all the way, try a longer chain;
+      a <= 1, a < k   -> k - 1 (at least k_min): the first or second draft token was rejected; drafting further
+                         costs draft forwards that are thrown away;
+      otherwise       -> k unchanged.
+    """
+
+    def __init__(self, draft_model: PreTrainedModel | PeftModel, k: int = 4, adaptive: bool = False,
+                 k_min: int = 1, k_max: int = 8):
+        if not 1 <= k_min <= k_max:
+            raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+        if not (k_min <= k <= k_max if adaptive else k >= 1):
+            bounds = f" and within [k_min={k_min}, k_max={k_max}]" if adaptive else ""
+            raise ValueError(f"k={k} must be >= 1{bounds}")
+        # LoRA layers are injected into the base model in place, so the unwrapped model runs with its adapters.
+        self.draft = draft_model.get_base_model() if isinstance(draft_model, PeftModel) else draft_model
+        self.k, self.adaptive, self.k_min, self.k_max = k, adaptive, k_min, k_max
+        self.cache: DynamicCache | None = None
+        self.tail: list[int] = []
+        self.pending: list[int] = []
+
+    @torch.no_grad()
+    def _forward(self, tokens: list[int]) -> torch.Tensor:
+        """Append `tokens` to the draft cache; returns the draft's logits [V] after the last one."""
+        device = self.draft.get_input_embeddings().weight.device
+        out = target_forward(self.draft, torch.tensor([tokens], device=device), past_key_values=self.cache,
+                             logits_at=1, use_cache=True)
+        return out.logits[0, -1]
+
+    def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        """input_ids [T]: the prompt, queued for a fresh draft cache (the first propose prefills it together with
+        the root, in one forward). hidden_states [T, H] (the target's) are not used."""
+        self.cache = DynamicCache(config=self.draft.config)
+        self.tail, self.pending = [], input_ids.tolist()
+
+    def propose(self, root: int) -> TokenTree:
+        """Feed pending accepted tokens + root, then draft k tokens greedily (k draft forwards in all)."""
+        if self.cache is None:
+            raise RuntimeError("DraftLMProposer.propose called before begin(input_ids, hidden_states)")
+        self.tail = [root]
+        logits = self._forward(self.pending + [root])                   # [V]
+        self.pending = []
+        drafts = []
+        for i in range(self.k):
+            drafts.append(int(logits.argmax()))
+            if i < self.k - 1:  # the last draft token is not fed: its logits would be unused
+                logits = self._forward(drafts[-1:])
+                self.tail.append(drafts[-1])
+        return TokenTree.chain(torch.tensor([root] + drafts))
+
+    def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        """tokens [n]: root + the n - 1 accepted drafts, now in the target's cache. Roll the draft cache back to
+        the accepted prefix of what it drafted; queue accepted tokens it does not hold yet."""
+        accepted = tokens.tolist()
+        kept = 0 if self.pending else _common_prefix_len(self.tail, accepted)
+        self.cache.crop(-(len(self.tail) - kept))  # transformers 5: a negative count removes that many tokens
+        self.pending += accepted[kept:]
+        self.tail = []
+        if self.adaptive:
+            self.k = self._next_k(len(accepted) - 1)
+
+    def _next_k(self, a: int) -> int:
+        if a >= self.k:
+            return min(self.k + 1, self.k_max)
+        if a <= 1:
+            return max(self.k - 1, self.k_min)
+        return self.k

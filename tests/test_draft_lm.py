@@ -1,0 +1,214 @@
+"""Draft LMs: built from the target, LoRA training/saving/loading, and chain drafting that stays lossless."""
+import pytest
+import torch
+from conftest import make_tiny_target
+from peft import PeftModel
+
+from drafters.draft_lm import (add_lora, build_draft_lm, check_draft_vocab, default_lora_modules, load_draft_lm,
+                               save_draft)
+from inference.draft_lm_proposer import DraftLMProposer
+from inference.speculative import speculative_generate
+
+EOS = {2}
+PROMPT = torch.tensor([1, 17, 33, 250, 9, 120, 7])
+BATCH = torch.tensor([[1, 5, 9, 200, 31, 4, 77, 3], [1, 80, 81, 82, 12, 13, 14, 15]])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_build_copies_embeddings_head_norm_and_chosen_layers(arch):
+    target = make_tiny_target(arch)
+    draft = build_draft_lm(target, num_layers=3, init_layers=[0, 1], target_name_or_path="tiny/target")
+    assert type(draft) is type(target) and draft.config.num_hidden_layers == 3
+    assert len(draft.model.layers) == 3 and draft.config._name_or_path == ""
+    assert torch.equal(draft.get_input_embeddings().weight, target.get_input_embeddings().weight)
+    assert torch.equal(draft.lm_head.weight, target.lm_head.weight)
+    assert torch.equal(draft.model.norm.weight, target.model.norm.weight)
+    for j, i in enumerate([0, 1]):
+        for (name, a), (_, b) in zip(draft.model.layers[j].state_dict().items(),
+                                     target.model.layers[i].state_dict().items()):
+            assert torch.equal(a, b), name
+    fresh = draft.model.layers[2].self_attn.q_proj.weight
+    assert not any(torch.equal(fresh, layer.self_attn.q_proj.weight) for layer in target.model.layers)
+    assert draft.config.draftsmith == {"kind": "draft_lm", "target_name_or_path": "tiny/target",
+                                       "target_vocab_size": 256, "init_layers": [0, 1]}
+    assert len(getattr(draft.config, "layer_types", None) or [None] * 3) == 3
+    q_proj = draft.model.layers[0].self_attn.q_proj.weight
+    assert q_proj.data_ptr() != target.model.layers[0].self_attn.q_proj.weight.data_ptr()  # copied, not shared
+
+
+def test_per_layer_settings_follow_the_copied_layers():
+    target = make_tiny_target("qwen2")
+    target.config.layer_types = ["sliding_attention", "full_attention"]
+    target.config.eos_token_id = [2, 3]  # a list of num_hidden_layers entries that is not per layer
+    draft = build_draft_lm(target, 3, init_layers=[1, 0])
+    assert draft.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert draft.config.eos_token_id == [2, 3]
+
+
+def test_build_refuses_bad_layers():
+    target = make_tiny_target("llama")
+    with pytest.raises(ValueError, match=r"init_layers \[5\] are not layers of the target"):
+        build_draft_lm(target, 2, [0, 5])
+    with pytest.raises(ValueError, match="at most num_layers"):
+        build_draft_lm(target, 1, [0, 1])
+
+
+def test_provenance_survives_save_and_load(tmp_path):
+    target = make_tiny_target("qwen2")
+    draft = build_draft_lm(target, 1, [1], target_name_or_path="tiny/qwen2")
+    save_draft(draft, tmp_path, merged=True)
+    loaded = load_draft_lm(tmp_path, target=target)
+    assert loaded.config.draftsmith == draft.config.draftsmith
+    assert not loaded.training
+    assert torch.equal(loaded(BATCH).logits, draft.eval()(BATCH).logits)
+
+
+def test_vocab_mismatch_is_refused(tmp_path):
+    target = make_tiny_target("llama")
+    other = make_tiny_target("llama", vocab_size=300)
+    with pytest.raises(ValueError, match=r"vocabulary mismatch .* vocab_size 300 != 256.*share the target's tokenizer"):
+        check_draft_vocab(other.config, target.config)
+    save_draft(build_draft_lm(other, 1), tmp_path, merged=True)
+    with pytest.raises(ValueError, match="vocab_size 300 != 256"):
+        load_draft_lm(tmp_path, target=target)
+
+
+class _Vocab:
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def get_vocab(self):
+        return self.vocab
+
+
+def test_vocab_token_mismatch_is_refused():
+    config = make_tiny_target("llama").config
+    check_draft_vocab(config, config, _Vocab({"a": 0, "b": 1}), _Vocab({"a": 0, "b": 1}))
+    with pytest.raises(ValueError, match="same size but different tokens"):
+        check_draft_vocab(config, config, _Vocab({"a": 0, "b": 1}), _Vocab({"a": 1, "b": 0}))
+
+
+def _lora_draft(seed=0, dtype=torch.float32):
+    target = make_tiny_target("llama").to(dtype)
+    torch.manual_seed(seed)
+    return target, add_lora(build_draft_lm(target, 2, [0, 1]), r=4, alpha=8)
+
+
+def _train_a_few_steps(model, steps=3):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss = model(BATCH, labels=BATCH).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_lora_trains_only_adapters():
+    target, model = _lora_draft()
+    assert default_lora_modules(target) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                            "v_proj"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    _train_a_few_steps(model)
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == (name in trainable), f"{name}: changed={changed}, trainable={name in trainable}"
+
+
+def test_saved_adapters_reload_to_identical_outputs(tmp_path):
+    target, model = _lora_draft()
+    _train_a_few_steps(model)
+    model.eval()
+    expected = model(BATCH).logits
+    save_draft(model, tmp_path, merged=False)
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "base" / "config.json").is_file()
+    loaded = load_draft_lm(tmp_path, target=target)
+    assert isinstance(loaded, PeftModel)
+    assert torch.equal(loaded(BATCH).logits, expected)
+    assert not model.peft_config["default"].base_model_name_or_path  # the live model's config is restored
+
+
+def test_merged_save_reloads_to_identical_outputs(tmp_path):
+    """float64, so that the check sees the merge (W + s B A) and not float32 rounding of W x + s B (A x)."""
+    target, model = _lora_draft(dtype=torch.float64)
+    _train_a_few_steps(model)
+    model.eval()
+    expected = model(BATCH).logits
+    assert expected.dtype == torch.float64
+    save_draft(model, tmp_path, merged=True)
+    assert not (tmp_path / "adapter_config.json").exists()
+    loaded = load_draft_lm(tmp_path, target=target, dtype=torch.float64)
+    assert not isinstance(loaded, PeftModel)
+    torch.testing.assert_close(loaded(BATCH).logits, expected, atol=1e-6, rtol=1e-6)
+    assert isinstance(model, PeftModel) and torch.equal(model(BATCH).logits, expected)  # merged a copy
+
+
+def test_adapters_only_needs_adapters():
+    with pytest.raises(ValueError, match="merged=True"):
+        save_draft(build_draft_lm(make_tiny_target("llama"), 1), "unused", merged=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DraftLMProposer: greedy verification stays lossless
+# ---------------------------------------------------------------------------------------------------------------
+
+def hf_greedy(target, prompt, max_new_tokens):
+    out = target.generate(prompt[None], max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2,
+                          pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_self_draft_accepts_everything(arch, adaptive):
+    target = make_tiny_target(arch)
+    reference = hf_greedy(target, PROMPT, 40)
+    proposer = DraftLMProposer(target, k=3, adaptive=adaptive, k_min=1, k_max=5)
+    result = speculative_generate(target, proposer, PROMPT, 40, EOS)
+    assert result.tokens == reference
+    expected = [min(3 + i, 5) if adaptive else 3 for i in range(len(result.accept_lengths))]
+    assert result.accept_lengths[:-1] == expected[:-1]  # tau = k + 1 per step; the last step may be cut short
+    assert proposer.k == (5 if adaptive else 3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_small_draft_is_lossless_with_rejections(arch, adaptive):
+    target = make_tiny_target(arch)
+    draft = build_draft_lm(target, 1, [0]).eval()
+    accepts = []
+    for prompt in (PROMPT, torch.tensor([1, 5]), torch.tensor([1, 200, 201, 202, 203, 3, 3, 90])):
+        proposer = DraftLMProposer(draft, k=4, adaptive=adaptive)
+        result = speculative_generate(target, proposer, prompt, 40, EOS)
+        assert result.tokens == hf_greedy(target, prompt, 40)
+        accepts += result.accept_lengths
+    assert min(accepts) == 0 and max(accepts) >= 3  # rejections (cache rolled back) and deep acceptances
+
+
+def test_lora_draft_proposes_with_its_adapters():
+    target, model = _lora_draft()
+    _train_a_few_steps(model)
+    proposer = DraftLMProposer(model.eval(), k=2)
+    result = speculative_generate(target, proposer, PROMPT, 20, EOS)
+    assert result.tokens == hf_greedy(target, PROMPT, 20)
+    proposer.begin(PROMPT, None)
+    tree = proposer.propose(7)
+    expected = model(torch.cat([PROMPT, torch.tensor([7])])[None]).logits[0, -1].argmax().item()
+    assert tree.tokens[1].item() == expected
+
+
+def test_proposer_cache_tracks_accepted_sequence():
+    """After each update the draft cache holds exactly the accepted tokens (or all but the pending ones)."""
+    target = make_tiny_target("llama")
+    proposer = DraftLMProposer(build_draft_lm(target, 1, [0]).eval(), k=3)
+    proposer.begin(PROMPT, None)
+    tree = proposer.propose(11)
+    assert proposer.cache.get_seq_length() == len(PROMPT) + 3  # prompt + root + 2 fed drafts
+    proposer.update(tree.tokens[:2], None)  # root + first draft accepted
+    assert proposer.cache.get_seq_length() == len(PROMPT) + 2 and proposer.pending == []
+    tree = proposer.propose(12)
+    proposer.update(tree.tokens, None)  # all accepted: the last draft was never fed
+    assert proposer.cache.get_seq_length() == len(PROMPT) + 2 + 3 and proposer.pending == [tree.tokens[-1].item()]
+    with pytest.raises(ValueError, match="k_min"):
+        DraftLMProposer(target, k=9, adaptive=True, k_max=8)
