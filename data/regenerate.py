@@ -31,7 +31,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from data.conversations import Conversation, load_conversations
 from data.embedded import resolve_data
-from inference.evaluate import stop_tokens
+from inference.target import stop_tokens
 from inference.target import load_target, target_forward
 
 

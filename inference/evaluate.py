@@ -26,20 +26,10 @@ from .calibrate import choose_tree, proposer_seconds, verify_latency
 from .metrics import Tally
 from .proposers import MedusaProposer
 from .speculative import Acceptance, GenerationResult, plain_generate, speculative_generate
-from .target import load_target
+from .target import load_target, stop_tokens
 
 # Used when a drafter carries no measured per-head accuracy (e.g. untrained heads): a deliberately modest guess.
 PRIOR_ACCURACY = [[0.5 * 0.7 ** k * 0.3 ** i for i in range(4)] for k in range(8)]
-
-
-def stop_tokens(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    ids = target.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("neither the target's generation_config nor its tokenizer names an eos token")
-    return ids
 
 
 def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, max_nodes: int):

@@ -22,7 +22,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # owner/name or name, as the Hugging Face Hub spells repository ids.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
-__all__ = ["DTYPES", "EMBEDDED_TARGETS", "TargetOutput", "load_target", "target_forward", "to_torch_dtype"]
+__all__ = ["DTYPES", "EMBEDDED_TARGETS", "TargetOutput", "load_target", "stop_tokens", "target_forward",
+           "to_torch_dtype"]
 
 
 def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -171,3 +172,14 @@ def _cache_kwarg_name(base: torch.nn.Module) -> str:
 def _output_cache(out) -> Cache | None:
     names = {field.name for field in dataclasses.fields(out)}
     return out.cache if "cache" in names else out.past_key_values
+
+
+def stop_tokens(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that end a generated turn: the generation config's eos ids and the tokenizer's eos."""
+    ids = target.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("neither the target's generation_config nor its tokenizer names an eos token")
+    return ids

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from drafters import MedusaModel, load_drafter
-from inference.evaluate import format_table, main, stop_tokens
+from inference.evaluate import format_table, main
+from inference.target import stop_tokens
 from inference.proposers import MedusaProposer
 from inference.speculative import speculative_generate
 from inference.target import load_target
