@@ -1,0 +1,325 @@
+"""Typed training configuration: YAML file + dotted `key=value` overrides -> nested dataclasses.
+
+    cfg = load_config("configs/medusa_tiny.yaml", ["training.lr=3e-4", "output_dir=/tmp/run"])
+
+Every key must be a field of its section (unknown keys are errors that list the valid ones), and values are
+coerced to the field's annotated type: command-line values are parsed from text (`true`, `3e-4`, `null`,
+`[1, 2]`), YAML values must already have the right type (numbers written as `3e-4`, which PyYAML reads as
+text, are accepted for float fields). The `drafter` section's fields depend on `drafter.kind`, looked up in
+DRAFTER_KINDS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key, where it came from and what is allowed."""
+
+
+# --- sections --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MedusaDrafter:
+    kind: Literal["medusa"] = "medusa"
+    num_heads: int = 4
+    num_layers: int = 1  # residual blocks per head
+    share_lm_head: bool = False  # True: every head reuses the target's frozen LM head (only the blocks train)
+
+    def __post_init__(self):
+        _check(self.num_heads >= 1, "drafter.num_heads", self.num_heads, "must be >= 1")
+        _check(self.num_layers >= 1, "drafter.num_layers", self.num_layers, "must be >= 1")
+
+
+# drafter.kind -> the dataclass of that kind's `drafter` section. EAGLE and draft LMs register here.
+DRAFTER_KINDS: dict[str, type] = {"medusa": MedusaDrafter}
+
+
+@dataclass
+class DataConfig:
+    train: str = "sharegpt"  # embedded name (sharegpt) or a conversations file
+    max_length: int = 1024  # tokens per conversation (longer ones are truncated by the tokenizer step)
+    limit: int | None = None  # use the first N conversations of the source
+    max_tokens: int = 4096  # token budget (padding included) of one micro-batch on one rank
+    max_batch_size: int | None = None  # cap on conversations per micro-batch
+    cache_dir: str | None = None  # tokenized-dataset cache (None: tokenize every run)
+    holdout_fraction: float = 0.02  # the last share of conversations, kept out of training ...
+    holdout_max: int = 64  # ... at most this many: per-head top-k accuracy is measured on them
+
+    def __post_init__(self):
+        _check(self.max_length >= 2, "data.max_length", self.max_length, "must be >= 2")
+        _check(self.limit is None or self.limit >= 1, "data.limit", self.limit, "must be >= 1 or null")
+        _check(self.max_tokens >= self.max_length, "data.max_tokens", self.max_tokens,
+               f"must be >= data.max_length ({self.max_length}) so that every conversation fits a micro-batch")
+        _check(self.max_batch_size is None or self.max_batch_size >= 1, "data.max_batch_size",
+               self.max_batch_size, "must be >= 1 or null")
+        _check(0 <= self.holdout_fraction < 1, "data.holdout_fraction", self.holdout_fraction, "must be in [0, 1)")
+        _check(self.holdout_max >= 0, "data.holdout_max", self.holdout_max, "must be >= 0")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 1  # passes over the training conversations (ignored when max_steps is set)
+    max_steps: int | None = None  # optimizer steps in all; cycles through the data as often as needed
+    stop_after: int | None = None  # leave after this step with a checkpoint, as if interrupted (resume later)
+    lr: float = 1e-3
+    warmup_steps: int = 0  # linear warm-up from 0, then cosine decay to lr * min_lr_ratio at the last step
+    min_lr_ratio: float = 0.1  # 1.0 = constant learning rate after warm-up
+    weight_decay: float = 0.0  # AdamW, on weight matrices only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_accum: int = 1  # micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)
+    grad_clip: float = 1.0  # global grad-norm clip (DeepSpeed gradient_clipping); 0 = off
+    head_decay: float = 0.8  # loss = sum_k head_decay**k * CE_k (Medusa paper: 0.8)
+    labels: Literal["target", "data"] = "target"  # target: the target's greedy tokens (self-distillation)
+    seed: int = 0
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"  # drafter weights/compute in the DeepSpeed engine
+    target_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "training.epochs", self.epochs, "must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "training.max_steps", self.max_steps,
+               "must be >= 1 or null")
+        _check(self.stop_after is None or self.stop_after >= 1, "training.stop_after", self.stop_after,
+               "must be >= 1 or null")
+        _check(self.lr > 0, "training.lr", self.lr, "must be > 0")
+        _check(self.warmup_steps >= 0, "training.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "training.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "training.betas", self.betas,
+               "must be two numbers in [0, 1)")
+        _check(self.grad_accum >= 1, "training.grad_accum", self.grad_accum, "must be >= 1")
+        _check(self.grad_clip >= 0, "training.grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
+        _check(self.head_decay > 0, "training.head_decay", self.head_decay, "must be > 0")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # optimizer steps between metrics.jsonl / wandb rows
+    wandb: bool = False  # WANDB_MODE=offline in the environment keeps runs local
+    wandb_project: str = "draftsmith"
+    wandb_run_name: str | None = None
+    progress_bar: bool = True  # rank-0 tqdm bar
+
+    def __post_init__(self):
+        _check(self.log_every >= 1, "logging.log_every", self.log_every, "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int | None = 500  # null: no periodic checkpoints
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    resume: str = "auto"  # auto: newest complete checkpoint in output_dir, if any | none | <checkpoint dir>
+
+    def __post_init__(self):
+        _check(self.every_steps is None or self.every_steps >= 1, "checkpoint.every_steps", self.every_steps,
+               "must be >= 1 or null")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    questions: str | None = None  # embedded name (mt-bench) or Spec-Bench-format JSONL; null: no evaluation
+    per_category: int | None = None
+    limit: int | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    check_lossless: bool = False
+    tree: str = "auto"  # auto: sized from measured head accuracy and this machine's latency | chain | JSON paths
+    max_tree_nodes: int = 64
+
+    def __post_init__(self):
+        _check(self.max_tree_nodes >= 1, "eval.max_tree_nodes", self.max_tree_nodes, "must be >= 1")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0")
+
+
+@dataclass
+class PushConfig:
+    repo_id: str | None = None  # USER/NAME: upload the drafter (with its model card) at the end of training
+    private: bool = False
+
+
+@dataclass
+class TrainConfig:
+    target: str  # embedded name (smollm2-135m-instruct), checkpoint directory or Hub id
+    output_dir: str  # drafter/, eval.json, metrics.jsonl, checkpoints/ end up here
+    drafter: MedusaDrafter = field(default_factory=MedusaDrafter)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+
+    def __post_init__(self):
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}[self.training.precision]
+        _check(not getattr(self.drafter, "share_lm_head", False) or self.training.target_dtype == dtype,
+               "training.target_dtype", self.training.target_dtype,
+               f"must be {dtype} with drafter.share_lm_head=true and training.precision={self.training.precision}: "
+               "the heads feed the target's own LM head, so both must use one dtype")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+class _Override(str):
+    """A value typed on the command line: parsed from text by the field's type."""
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """The config in YAML file `path` (None: defaults only) with `key=value` overrides applied in order."""
+    raw: dict = {}
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        raw = loaded or {}
+    keys = [_apply_override(raw, item) for item in overrides]
+    return build_config(raw, source=path or "<defaults>", overridden=keys)
+
+
+def build_config(raw: dict, source: str = "<dict>", overridden: list[str] = ()) -> TrainConfig:
+    """TrainConfig from a nested dict (as read from YAML); `source` names it in error messages, `overridden`
+    the dotted keys that came from the command line."""
+    try:
+        return _build(TrainConfig, raw, "", overridden)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. training.lr=3e-4)")
+    *sections, leaf = key.split(".")
+    node = raw
+    for i, name in enumerate(sections):
+        child = node.get(name)
+        if child is None:  # absent, or an empty section in the YAML file
+            child = node[name] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(sections[:i + 1])} is a value, not a section")
+        node = child
+    node[leaf] = _Override(value)
+    return key
+
+
+def _build(cls: type, raw: Any, prefix: str, overridden: list[str]):
+    """Instantiate dataclass `cls` from mapping `raw`; `prefix` is the dotted path of this section."""
+    raw = {} if raw is None else raw  # `push:` with every key commented out
+    if isinstance(raw, _Override) or not isinstance(raw, dict):
+        raise ConfigError(f"{prefix[:-1] or 'the config'} is a section: set its keys "
+                          f"({', '.join(f.name for f in dataclasses.fields(cls))}), e.g. {prefix}<key>=value")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = prefix[:-1] or "the top level"
+        key = f"{prefix}{unknown[0]}"
+        origin = " (a command-line override)" if any(o == key or o.startswith(key + ".") for o in overridden) else ""
+        raise ConfigError(f"unknown key {key}{origin} in {where}; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if cls is TrainConfig and name == "drafter" and isinstance(value, (dict, type(None))):
+            hint = _drafter_class((value or {}).get("kind", "medusa"))  # the section's fields depend on its kind
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.", overridden)
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key {prefix}{missing[0]}: set it in the YAML file or as {prefix}"
+                          f"{missing[0]}=...")
+    return cls(**kwargs)
+
+
+def _drafter_class(kind: Any) -> type:
+    if kind not in DRAFTER_KINDS:
+        raise ConfigError(f"drafter.kind {kind!r} is not a known drafter kind; known kinds: {', '.join(DRAFTER_KINDS)}")
+    return DRAFTER_KINDS[kind]
+
+
+_NULLS = ("null", "none", "~", "")
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as type `hint` (int, float, bool, str, X | None, Literal[...], list[X])."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    is_text = isinstance(value, _Override)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (is_text and value.strip().lower() in _NULLS):
+            return None
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        allowed = ", ".join(repr(a) for a in args)
+        kind = type(args[0])
+        parsed = _coerce(value, kind, key) if (is_text or kind is not str) else value
+        if parsed not in args:
+            raise ConfigError(f"{key}={value!r} is not allowed; use one of {allowed}")
+        return parsed
+    if origin is list:
+        try:
+            items = yaml.safe_load(value) if is_text else value
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[1, 2]") from None
+        if not isinstance(items, list):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[1, 2]")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
+    if value is None:
+        raise ConfigError(f"{key} cannot be null; give a {hint.__name__}")
+    try:
+        return _scalar(value, hint, is_text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {hint.__name__}") from None
+
+
+def _scalar(value: Any, hint: type, is_text: bool) -> Any:
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return str(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if is_text and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        raise TypeError(value)
+    if isinstance(value, bool):
+        raise TypeError(value)  # True is an int in Python, never a number in a config
+    if hint is int:
+        if isinstance(value, int):
+            return value
+        if is_text:
+            return int(value)
+        raise TypeError(value)
+    if hint is float:
+        # PyYAML reads `3e-4` (no dot) as text: accept numeric text for floats wherever it comes from.
+        return float(value)
+    raise TypeError(f"unsupported field type {hint}")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} {rule}")
+
+
+def dump_config(cfg: TrainConfig, path: str) -> None:
+    """Write the resolved config as YAML (loadable with load_config)."""
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
