@@ -24,11 +24,14 @@ NODE_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
 def _median_seconds(fn, repeats: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -39,18 +42,18 @@ def verify_latency(target: PreTrainedModel, node_counts=NODE_COUNTS, context_len
     """Median seconds of one target forward of n tree nodes on top of a context_len-token KV cache."""
     vocab = target.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(0)
-    context = torch.randint(vocab, (1, context_len), generator=gen)
+    context = torch.randint(vocab, (1, context_len), generator=gen).to(target.device)
     cache = DynamicCache(config=target.config)
     target_forward(target, context, past_key_values=cache, logits_at=1)
     dtype = target.get_output_embeddings().weight.dtype
     latency = {}
     for n in node_counts:
         tree = TokenTree(torch.randint(vocab, (n,), generator=gen), [-1] + [0] * (n - 1))  # a star: depth <= 1
+        tokens, mask = tree.tokens.to(target.device)[None], tree_attention_mask(tree, context_len, dtype).to(target.device)
+        positions = (context_len + torch.tensor(tree.depths(), device=target.device))[None]
 
         def step():
-            target_forward(target, tree.tokens[None], past_key_values=cache,
-                           position_ids=(context_len + torch.tensor(tree.depths()))[None],
-                           attention_mask=tree_attention_mask(tree, context_len, dtype))
+            target_forward(target, tokens, past_key_values=cache, position_ids=positions, attention_mask=mask)
             cache.crop(-n)  # transformers 5: a negative count removes that many tokens
         latency[n] = _median_seconds(step, repeats)
     return latency
@@ -83,9 +86,9 @@ def choose_tree(accuracy: list[list[float]], latency: dict[int, float], draft_se
     return TreeChoice(grow_tree(accuracy, best["nodes"] - 1), best["expected_tau"], best["predicted_speedup"], table)
 
 
-def proposer_seconds(make_proposer, hidden_size: int, dtype: torch.dtype, repeats: int = 5):
+def proposer_seconds(make_proposer, hidden_size: int, dtype: torch.dtype, device="cpu", repeats: int = 5):
     """A draft_seconds function for `choose_tree`: times propose() of the proposer built for given paths."""
-    hidden = torch.zeros(1, hidden_size, dtype=dtype)
+    hidden = torch.zeros(1, hidden_size, dtype=dtype, device=device)
 
     def seconds(paths) -> float:
         proposer: Proposer = make_proposer(paths)

@@ -45,7 +45,8 @@ def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, ma
         accuracy = PRIOR_ACCURACY[:drafter.config.num_heads]
     latency = verify_latency(target, [n for n in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64) if n <= max_nodes])
     dtype = target.get_output_embeddings().weight.dtype
-    draft = proposer_seconds(lambda paths: MedusaProposer(drafter, paths), drafter.config.hidden_size, dtype)
+    draft = proposer_seconds(lambda paths: MedusaProposer(drafter, paths), drafter.config.hidden_size, dtype,
+                             target.device)
     choice = choose_tree(accuracy, latency, draft)
     calibration = {"verify_seconds": {str(n): s for n, s in latency.items()}, "candidates": choice.table,
                    "nodes": len(choice.paths) + 1, "paths": [list(p) for p in choice.paths],
@@ -53,14 +54,14 @@ def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, ma
     return MedusaProposer(drafter, choice.paths), calibration
 
 
-def answer(generate, tokenizer, turns: list[str], max_new_tokens: int) -> list[GenerationResult]:
+def answer(generate, tokenizer, turns: list[str], max_new_tokens: int, device=None) -> list[GenerationResult]:
     """Answer every turn of one question; later turns see the model's own earlier answers."""
     messages, results = [], []
     for turn in turns:
         messages.append({"role": "user", "content": turn})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=False)
-        result = generate(torch.tensor(prompt), max_new_tokens)
+        result = generate(torch.tensor(prompt, device=device), max_new_tokens)
         results.append(result)
         messages.append({"role": "assistant", "content": tokenizer.decode(result.tokens, skip_special_tokens=True)})
     return results
@@ -80,11 +81,12 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     gen = torch.Generator().manual_seed(seed)
     plain = lambda ids, n: plain_generate(target, ids, n, eos, acceptance, gen)  # noqa: E731
     spec = lambda ids, n: speculative_generate(target, proposer, ids, n, eos, acceptance, gen)  # noqa: E731
-    answer(plain, tokenizer, ["Hello!"], 8), answer(spec, tokenizer, ["Hello!"], 8)  # warm-up, not counted
+    for generate in (plain, spec):  # warm-up, not counted
+        answer(generate, tokenizer, ["Hello!"], 8, target.device)
     tallies, checked, mismatches = defaultdict(Tally), 0, 0
     for i, q in enumerate(qs):
-        base_results = answer(plain, tokenizer, q.turns, max_new_tokens)
-        spec_results = answer(spec, tokenizer, q.turns, max_new_tokens)
+        base_results = answer(plain, tokenizer, q.turns, max_new_tokens, target.device)
+        spec_results = answer(spec, tokenizer, q.turns, max_new_tokens, target.device)
         for s, b in zip(spec_results, base_results):
             tallies[q.category].add(s, b)
             checked += 1

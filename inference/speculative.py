@@ -67,7 +67,7 @@ def _accepted_nodes(tree: TokenTree, logits: torch.Tensor, acceptance: Acceptanc
         probs = torch.softmax(logits.float() / acceptance.temperature, dim=-1)       # [N, V]
         entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)              # [N]
         threshold = torch.minimum(torch.full_like(entropy, acceptance.epsilon), acceptance.delta * (-entropy).exp())
-        parents = torch.tensor(tree.parents[1:])
+        parents = torch.tensor(tree.parents[1:], device=logits.device)
         ok = (probs[parents, tree.tokens[1:]] > threshold[parents]).tolist()
     accepted = [True] + [False] * (len(tree) - 1)
     for i in range(1, len(tree)):
@@ -106,7 +106,8 @@ def plain_generate(target: PreTrainedModel, input_ids: torch.Tensor, max_new_tok
     out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1)
     result, forwards = [], 1
     while not _finish(_choose(out.logits[0], acceptance, generator).tolist(), result, max_new_tokens, eos):
-        out = target_forward(target, torch.tensor([[result[-1]]]), past_key_values=cache, logits_at=1)
+        out = target_forward(target, torch.tensor([[result[-1]]], device=input_ids.device), past_key_values=cache,
+                             logits_at=1)
         forwards += 1
     return GenerationResult(result, forwards, seconds=time.perf_counter() - start)
 
@@ -123,19 +124,21 @@ def speculative_generate(target: PreTrainedModel, proposer: Proposer, input_ids:
     result = GenerationResult([], forwards=1)
     root = _choose(out.logits[0], acceptance, generator).tolist()
     done = _finish(root, result.tokens, max_new_tokens, eos)
+    device = input_ids.device
     while not done:
         tree = proposer.propose(result.tokens[-1])
+        tree.tokens = tree.tokens.to(device)
         prefix_len = cache.get_seq_length()
-        depths = torch.tensor(tree.depths())
+        depths = torch.tensor(tree.depths(), device=device)
         out = target_forward(
             target, tree.tokens[None], past_key_values=cache, position_ids=(prefix_len + depths)[None],
-            attention_mask=tree_attention_mask(tree, prefix_len, out.hidden_states.dtype),
+            attention_mask=tree_attention_mask(tree, prefix_len, out.hidden_states.dtype).to(device),
         )
         result.forwards += 1
         logits = out.logits[0]                                              # [N, V]
         accepted = _accepted_nodes(tree, logits, acceptance)
         best = max(range(len(tree)), key=lambda i: (accepted[i] and depths[i].item(), -i))
-        path = torch.tensor(tree.path_to(best))                            # [n], root first
+        path = torch.tensor(tree.path_to(best), device=device)             # [n], root first
         keep_cache_entries(cache, prefix_len, path)
         proposer.update(tree.tokens[path], out.hidden_states[0, path])
         result.accept_lengths.append(len(path) - 1)
