@@ -48,6 +48,8 @@ EMBEDDED: dict[str, WheelFile] = {
 }
 EMBEDDED_DATA = ("sharegpt", "mt-bench")
 EMBEDDED_TARGETS = ("smollm2-135m-instruct",)
+# The published model each embedded target was converted from (a model card's base_model).
+EMBEDDED_TARGET_SOURCES = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 PROVENANCE_FILE = "draftsmith.json"
 
 

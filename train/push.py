@@ -17,12 +17,10 @@ import yaml
 from transformers import AutoConfig
 
 import drafters  # noqa: F401  (registers the drafter configs with AutoConfig)
+from data.embedded import EMBEDDED_TARGET_SOURCES
 
 CARD = "README.md"
 REPORT = "eval.json"
-# Embedded targets are converted from a published model; the card names that model as base_model.
-# (Better kept next to the embedded registry in data/embedded.py.)
-EMBEDDED_BASE_MODELS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def base_model_id(target: str | None) -> str | None:
@@ -30,8 +28,8 @@ def base_model_id(target: str | None) -> str | None:
     checkpoint path (which must not leak into a public card)."""
     if not target:
         return None
-    if target in EMBEDDED_BASE_MODELS:
-        return EMBEDDED_BASE_MODELS[target]
+    if target in EMBEDDED_TARGET_SOURCES:
+        return EMBEDDED_TARGET_SOURCES[target]
     looks_local = target.startswith(("/", ".", "~")) or Path(target).expanduser().exists() or target.count("/") > 1
     return None if looks_local else target
 
@@ -46,7 +44,7 @@ def model_card(drafter_dir: str, repo_id: str, report: dict | None) -> str:
     if base:
         meta = {"base_model": base, **meta}
     # The usage snippet loads exactly the target the heads were trained on (for an embedded one, its name).
-    target_ref = target if target in EMBEDDED_BASE_MODELS else base or "<the target it was trained on>"
+    target_ref = target if target in EMBEDDED_TARGET_SOURCES else base or "<the target it was trained on>"
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {repo_id}", ""]
     lines += [
         f"{kind.capitalize()} drafter for speculative decoding with **{base or 'a locally stored target'}** as the "
@@ -58,7 +56,7 @@ def model_card(drafter_dir: str, repo_id: str, report: dict | None) -> str:
         lines += [f"{config.num_heads} Medusa heads ({config.num_layers} residual block(s) each, "
                   f"{'sharing the target LM head' if config.share_lm_head else 'own LM heads'}); head k predicts "
                   f"the token k + 2 positions ahead from the target's last hidden state.", ""]
-    if target and target in EMBEDDED_BASE_MODELS:
+    if target and target in EMBEDDED_TARGET_SOURCES:
         lines += [f"Trained against draftsmith's embedded target `{target}` (a GGUF build of {base}, dequantized "
                   f"to float32); with the original {base} checkpoint the heads' accuracy may differ slightly.", ""]
     lines += [
