@@ -30,7 +30,7 @@ def test_shipped_configs_exist():
 def test_main_config_is_the_readme_job():
     cfg = load_config(str(CONFIGS[0].parent / "medusa_smollm2.yaml"))
     assert (cfg.target, cfg.data.train, cfg.eval.questions) == ("smollm2-135m-instruct", "sharegpt", "mt-bench")
-    assert cfg.drafter == MedusaDrafter(num_heads=4, num_layers=1, share_lm_head=False)
+    assert cfg.drafter == MedusaDrafter(num_heads=4, num_layers=1, share_lm_head=True)
 
 
 def test_overrides_are_coerced_to_field_types():
