@@ -98,7 +98,7 @@ class MedusaModel(PreTrainedModel):
             with torch.no_grad():
                 for head in model.lm_heads:
                     head.weight.copy_(target_head.weight)
-        return model.to(target_head.weight.dtype)
+        return model.to(device=target_head.weight.device, dtype=target_head.weight.dtype)
 
     def check_target(self, target_config: PretrainedConfig) -> None:
         """Refuse a target whose hidden size or vocabulary differs from the one these heads were trained on."""

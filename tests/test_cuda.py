@@ -1,0 +1,42 @@
+"""The verification loop and the evaluation on a CUDA device (skipped where there is none)."""
+import pytest
+import torch
+
+from conftest import make_tiny_target
+from drafters import MedusaModel
+from inference.evaluate import evaluate_drafter
+from inference.proposers import MedusaProposer
+from inference.speculative import speculative_generate
+from inference.target import load_target
+from inference.tree import grow_tree
+from tiny_assets import write_questions, write_tiny_target
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def perturbed_drafter(target):
+    drafter = MedusaModel.from_target(target, num_heads=3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in drafter.blocks.parameters():
+            p.normal_(0, 0.05)
+    drafter.attach_target(target)
+    return drafter.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tree_verification_is_lossless_on_cuda(arch):
+    target = make_tiny_target(arch).cuda()
+    proposer = MedusaProposer(perturbed_drafter(target), grow_tree([[0.6, 0.2], [0.4, 0.2], [0.3, 0.1]], 8))
+    prompt = torch.tensor([1, 17, 33, 250, 9], device="cuda")
+    reference = target.generate(prompt[None], max_new_tokens=40, do_sample=False, eos_token_id=2,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    assert speculative_generate(target, proposer, prompt, 40, {2}).tokens == reference
+
+
+def test_evaluation_runs_on_cuda(tmp_path):
+    target, tokenizer = load_target(write_tiny_target(tmp_path / "target"), device="cuda")
+    report = evaluate_drafter(target, tokenizer, perturbed_drafter(target), write_questions(tmp_path / "q.jsonl"),
+                              max_new_tokens=16, check_lossless=True, max_tree_nodes=8, progress=False)
+    assert report["lossless"] == {"checked": 5, "mismatches": 0}
+    assert report["setup"]["device"].startswith("cuda")
