@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from data.questions import load_questions
 from drafters import MedusaModel, load_drafter
 
-from .calibrate import choose_tree, proposer_seconds, verify_latency
+from .calibrate import NODE_COUNTS, choose_tree, proposer_seconds, verify_latency
 from .metrics import Tally
 from .proposers import MedusaProposer
 from .speculative import Acceptance, GenerationResult, plain_generate, speculative_generate
@@ -43,7 +43,7 @@ def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, ma
         print("warning: the drafter records no per-head accuracy; sizing the tree with a prior guess",
               file=sys.stderr)
         accuracy = PRIOR_ACCURACY[:drafter.config.num_heads]
-    latency = verify_latency(target, [n for n in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64) if n <= max_nodes])
+    latency = verify_latency(target, [n for n in NODE_COUNTS if n <= max_nodes])
     dtype = target.get_output_embeddings().weight.dtype
     draft = proposer_seconds(lambda paths: MedusaProposer(drafter, paths), drafter.config.hidden_size, dtype,
                              target.device)

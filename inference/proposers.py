@@ -19,14 +19,15 @@ class MedusaProposer:
         if too_deep:
             raise ValueError(f"tree paths {too_deep[:3]} are deeper than the drafter's "
                              f"{drafter.config.num_heads} heads")
+        ordered = sorted(paths, key=len)  # parents before children
         index = {(): 0}
-        for i, path in enumerate(sorted(paths, key=len), start=1):  # parents before children
+        for i, path in enumerate(ordered, start=1):
             index[path] = i
         missing = [p for p in index if p and p[:-1] not in index]
         if missing:
             raise ValueError(f"tree paths {missing[:3]} have no parent path in the tree")
         self.drafter = drafter
-        self.paths = sorted(paths, key=len)
+        self.paths = ordered
         self.parents = [-1] + [index[p[:-1]] for p in self.paths]
         self.depth = max(len(p) for p in paths)
         self.topk = [1 + max((p[d] for p in paths if len(p) > d), default=0) for d in range(self.depth)]
