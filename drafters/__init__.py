@@ -1,7 +1,12 @@
-"""Drafter model definitions. Each kind is a PretrainedConfig + PreTrainedModel pair registered with the Auto
-classes, so `load_drafter(path)` restores any of them and save/push come from transformers."""
+"""Drafter model definitions. Each head-style kind is a PretrainedConfig + PreTrainedModel pair registered with
+the Auto classes; draft LMs are ordinary causal LMs (drafters/draft_lm.py). `load_drafter(path)` restores any of
+them, and save/push come from transformers (and peft for LoRA adapters)."""
+import json
+from pathlib import Path
+
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
+from .draft_lm import load_draft_lm
 from .medusa import MedusaConfig, MedusaModel
 
 DRAFTER_KINDS: dict[str, type[PreTrainedModel]] = {"medusa": MedusaModel}
@@ -12,11 +17,30 @@ for _model_cls in DRAFTER_KINDS.values():
 
 
 def load_drafter(path: str, target: PreTrainedModel | None = None, **kwargs) -> PreTrainedModel:
-    """Load a saved drafter of any registered kind; with `target`, check that it fits (and attach it)."""
-    drafter = AutoModel.from_pretrained(path, **kwargs)
-    if type(drafter) not in DRAFTER_KINDS.values():
-        raise ValueError(f"{path} holds a {type(drafter).__name__}, not a draftsmith drafter "
-                         f"(kinds: {', '.join(DRAFTER_KINDS)})")
+    """Load a saved drafter: Medusa heads, or a draft LM (full weights or LoRA adapters). With `target`, check
+    that it fits (hidden size / vocabulary) and attach it."""
+    folder = Path(path) if Path(path).is_dir() else _download(path)
+    if (folder / "adapter_config.json").is_file():
+        return load_draft_lm(folder, target, **kwargs)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has neither config.json nor adapter_config.json: not a saved drafter")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type not in {cls.config_class.model_type for cls in DRAFTER_KINDS.values()}:
+        return load_draft_lm(folder, target, **kwargs)  # any causal LM sharing the target's vocabulary
+    drafter = AutoModel.from_pretrained(folder, **kwargs)
     if target is not None:
         drafter.attach_target(target)
     return drafter.eval()
+
+
+def _download(repo_id: str) -> Path:
+    """A Hub repository's files (cached by huggingface_hub), for drafters given by repo id."""
+    from huggingface_hub import snapshot_download
+
+    if Path(repo_id).exists():
+        raise NotADirectoryError(f"drafter {repo_id!r} is a file; give the drafter folder (<output_dir>/drafter)")
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # invalid id, no network, no such repo: say what was tried
+        raise FileNotFoundError(f"drafter {repo_id!r} is neither a local folder nor a Hub repository reachable from "
+                                f"here ({type(err).__name__}: {err})") from err

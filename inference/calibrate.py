@@ -95,3 +95,31 @@ def proposer_seconds(make_proposer, hidden_size: int, dtype: torch.dtype, device
         proposer.begin(torch.tensor([0]), hidden)
         return _median_seconds(lambda: proposer.propose(0), repeats)
     return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the target's verify latency per node count, with torch's default and oneDNN-packed linear layers."""
+    import argparse
+
+    from .packing import packed_linears
+    from .target import load_target
+
+    p = argparse.ArgumentParser(description="Time one verify forward of the target for several tree sizes.")
+    p.add_argument("--target", required=True, help="embedded name (smollm2-135m-instruct), path or Hub id")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--context-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args(argv)
+    target, _ = load_target(args.target, dtype=args.dtype)
+    default = verify_latency(target, context_len=args.context_len, repeats=args.repeats)
+    with packed_linears(target) as n:
+        packed = verify_latency(target, context_len=args.context_len, repeats=args.repeats) if n else {}
+    print(f"{'nodes':>5} {'default ms':>11} {'packed ms':>10}   (median of {args.repeats}, "
+          f"{args.context_len}-token context, {torch.get_num_threads()} threads)")
+    for nodes, seconds in default.items():
+        packed_ms = f"{packed[nodes] * 1e3:>10.1f}" if packed else f"{'n/a':>10}"
+        print(f"{nodes:>5} {seconds * 1e3:>11.1f} {packed_ms}")
+
+
+if __name__ == "__main__":
+    main()

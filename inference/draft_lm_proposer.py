@@ -1,5 +1,5 @@
-"""A draft LM's side of the verification protocol: greedy chain drafting (Leviathan et al., 2023; Chen et al.,
-2023), gamma = k draft tokens per step.
+"""A draft LM's side of the verification protocol: chain drafting (Leviathan et al., 2023; Chen et al., 2023),
+gamma = k draft tokens per step, greedy or sampled (then verified by speculative sampling).
 
 The draft keeps its own KV cache over the accepted sequence. Between steps it holds three kinds of tokens:
   base     tokens in the draft cache that the target accepted (prompt + accepted text)
@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel
 
+from .speculative import sample
 from .target import target_forward
 from .tree import TokenTree
 
@@ -36,7 +37,8 @@ class DraftLMProposer:
     """
 
     def __init__(self, draft_model: PreTrainedModel | PeftModel, k: int = 4, adaptive: bool = False,
-                 k_min: int = 1, k_max: int = 8):
+                 k_min: int = 1, k_max: int = 8, temperature: float = 0.0,
+                 generator: torch.Generator | None = None):
         if not 1 <= k_min <= k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
         if not (k_min <= k <= k_max if adaptive else k >= 1):
@@ -44,7 +46,10 @@ class DraftLMProposer:
             raise ValueError(f"k={k} must be >= 1{bounds}")
         # LoRA layers are injected into the base model in place, so the unwrapped model runs with its adapters.
         self.draft = draft_model.get_base_model() if isinstance(draft_model, PeftModel) else draft_model
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy drafts)")
         self.k, self.adaptive, self.k_min, self.k_max = k, adaptive, k_min, k_max
+        self.temperature, self.generator = temperature, generator
         self.cache: DynamicCache | None = None
         self.tail: list[int] = []
         self.pending: list[int] = []
@@ -64,19 +69,24 @@ class DraftLMProposer:
         self.tail, self.pending = [], input_ids.tolist()
 
     def propose(self, root: int) -> TokenTree:
-        """Feed pending accepted tokens + root, then draft k tokens greedily (k draft forwards in all)."""
+        """Feed pending accepted tokens + root, then draft k tokens (k draft forwards in all): greedily, or
+        sampled at the temperature, with the draft distributions q_i attached for speculative sampling."""
         if self.cache is None:
             raise RuntimeError("DraftLMProposer.propose called before begin(input_ids, hidden_states)")
         self.tail = [root]
         logits = self._forward(self.pending + [root])                   # [V]
         self.pending = []
-        drafts = []
+        drafts, probs = [], []
         for i in range(self.k):
-            drafts.append(int(logits.argmax()))
+            if self.temperature == 0:
+                drafts.append(int(logits.argmax()))
+            else:
+                probs.append(torch.softmax(logits.float() / self.temperature, dim=-1))   # q_i [V]
+                drafts.append(int(sample(probs[-1], self.generator)))
             if i < self.k - 1:  # the last draft token is not fed: its logits would be unused
                 logits = self._forward(drafts[-1:])
                 self.tail.append(drafts[-1])
-        return TokenTree.chain(torch.tensor([root] + drafts))
+        return TokenTree.chain(torch.tensor([root] + drafts), torch.stack(probs) if probs else None)
 
     def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
         """tokens [n]: root + the n - 1 accepted drafts, now in the target's cache. Roll the draft cache back to

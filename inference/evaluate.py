@@ -3,27 +3,40 @@
     python -m inference.evaluate --target smollm2-135m-instruct --drafter runs/medusa/drafter \
         --questions mt-bench --output eval.json [--per-category 2] [--check-lossless]
 
-Each question is answered turn by turn (the second turn follows the model's own first answer) twice, with plain
-target decoding and with speculative decoding, alternating so that both see the same machine state. The report
-pools tokens and target forwards per category and overall (Spec-Bench's tau), and the speedup is the ratio of
-tokens per second measured in the same run on the same prompts.
+    python -m inference.evaluate --target smollm2-135m-instruct --drafter runs/draft_lm/drafter \
+        --questions spec_bench_dev.jsonl --compare-hf
+
+Each question is answered turn by turn (the second turn follows the model's own first answer) with plain target
+decoding, then with speculative decoding (and, with --compare-hf, with transformers' assisted generation using the
+same draft LM), one after the other so that all see the same machine state. The report pools tokens and target
+forwards per category and overall (Spec-Bench's tau), and each speedup is the ratio of tokens per second measured
+in the same run on the same prompts.
+
+Medusa drafters verify a token tree sized by calibration on this machine; draft LMs draft a chain of k tokens
+(adaptive by default). The drafter kind is read from the saved folder.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
+import time
 from collections import defaultdict
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data.questions import load_questions
 from drafters import MedusaModel, load_drafter
+from drafters.draft_lm import check_draft_vocab
 
 from .calibrate import NODE_COUNTS, choose_tree, proposer_seconds, verify_latency
+from .draft_lm_proposer import DraftLMProposer
 from .metrics import Tally
+from .packing import packed_linears
 from .proposers import MedusaProposer
 from .speculative import Acceptance, GenerationResult, plain_generate, speculative_generate
 from .target import load_target, stop_tokens
@@ -34,10 +47,11 @@ PRIOR_ACCURACY = [[0.5 * 0.7 ** k * 0.3 ** i for i in range(4)] for k in range(8
 
 def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, max_nodes: int):
     """tree: 'auto' (calibrated on this device), 'chain' (top-1 of every head) or a JSON list of rank paths."""
-    if tree == "chain":
-        return MedusaProposer(drafter, [(0,) * d for d in range(1, drafter.config.num_heads + 1)]), None
     if tree != "auto":
-        return MedusaProposer(drafter, [tuple(p) for p in json.loads(tree)]), None
+        paths = [(0,) * d for d in range(1, drafter.config.num_heads + 1)] if tree == "chain" else \
+            [tuple(p) for p in json.loads(tree)]
+        proposer = MedusaProposer(drafter, paths)
+        return proposer, {"nodes": len(proposer.paths) + 1, "paths": [list(p) for p in proposer.paths]}
     accuracy = drafter.config.head_topk_accuracy
     if not accuracy:
         print("warning: the drafter records no per-head accuracy; sizing the tree with a prior guess",
@@ -52,6 +66,52 @@ def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, ma
                    "nodes": len(choice.paths) + 1, "paths": [list(p) for p in choice.paths],
                    "expected_tau": choice.expected_tau, "predicted_speedup": choice.predicted_speedup}
     return MedusaProposer(drafter, choice.paths), calibration
+
+
+def drafter_kind(drafter) -> str:
+    """'medusa' for Medusa heads, 'draft_lm' for a causal LM (or LoRA-wrapped one) drafting for the target."""
+    if isinstance(drafter, MedusaModel):
+        return "medusa"
+    if isinstance(drafter, PeftModel) or hasattr(drafter, "generate"):
+        return "draft_lm"
+    raise TypeError(f"{type(drafter).__name__} is not a drafter draftsmith can evaluate (Medusa heads or a draft LM)")
+
+
+def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_tree_nodes: int = 64, draft_k: int = 4,
+                  adaptive_k: bool = True, temperature: float = 0.0, generator: torch.Generator | None = None):
+    """The drafter's proposer and a description of its setup (the calibrated tree for Medusa, k for draft LMs)."""
+    if drafter_kind(drafter) == "medusa":
+        return medusa_proposer(drafter, target, tree, max_tree_nodes)
+    proposer = DraftLMProposer(drafter, k=draft_k, adaptive=adaptive_k, k_max=max(8, draft_k),
+                               temperature=temperature, generator=generator)
+    return proposer, {"k": draft_k, "adaptive": adaptive_k, "k_max": proposer.k_max}
+
+
+class ForwardCounter:
+    """Counts calls of a model's forward (transformers' assisted generation does not report them)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+
+
+@torch.no_grad()
+def hf_assisted_generate(target: PreTrainedModel, draft: PreTrainedModel, input_ids: torch.Tensor,
+                         max_new_tokens: int, eos: set[int], temperature: float, counter: ForwardCounter
+                         ) -> GenerationResult:
+    """transformers' own assisted generation (`generate(assistant_model=draft)`, its default draft-length
+    schedule), as a user would call it: the comparison point for draftsmith's loop with the same draft."""
+    start, calls = time.perf_counter(), counter.calls
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    out = target.generate(input_ids[None], attention_mask=torch.ones_like(input_ids)[None], assistant_model=draft,
+                          max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
+                          pad_token_id=sorted(eos)[0], **sampling)
+    tokens = out[0, len(input_ids):].tolist()
+    return GenerationResult(tokens, forwards=counter.calls - calls, seconds=time.perf_counter() - start)
 
 
 def answer(generate, tokenizer, turns: list[str], max_new_tokens: int, device=None) -> list[GenerationResult]:
@@ -70,49 +130,118 @@ def answer(generate, tokenizer, turns: list[str], max_new_tokens: int, device=No
 def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, drafter, questions: str, *,
                      max_new_tokens: int = 128, temperature: float = 0.0, per_category: int | None = None,
                      limit: int | None = None, check_lossless: bool = False, tree: str = "auto",
-                     max_tree_nodes: int = 64, seed: int = 0, progress: bool = True) -> dict:
-    """Run the evaluation and return the report (see the module docstring)."""
+                     max_tree_nodes: int = 64, draft_k: int = 4, adaptive_k: bool = True, compare_hf: bool = False,
+                     seed: int = 0, progress: bool = True, pack: bool = True) -> dict:
+    """Run the evaluation and return the report (see the module docstring). pack: on CPU, run target and
+    drafter with oneDNN-prepacked linear layers (inference.packing), both for plain and speculative decoding.
+    compare_hf (draft LMs): also time transformers' assisted generation with the same draft."""
     if check_lossless and temperature != 0:
         raise ValueError("--check-lossless compares against greedy decoding: use --temperature 0")
-    drafter.attach_target(target)
+    kind = drafter_kind(drafter)
+    if compare_hf and kind != "draft_lm":
+        raise ValueError(f"--compare-hf runs transformers' assisted generation, which needs a draft LM; "
+                         f"this drafter is {kind}")
+    if kind == "draft_lm":
+        if isinstance(drafter, PeftModel):  # evaluate merged weights: same outputs, no adapter overhead
+            drafter = copy.deepcopy(drafter).merge_and_unload()
+        check_draft_vocab(drafter.config, target.config)
     qs = load_questions(questions, per_category=per_category, limit=limit)
-    proposer, calibration = medusa_proposer(drafter, target, tree, max_tree_nodes)
-    eos, acceptance = stop_tokens(target, tokenizer), Acceptance(temperature=temperature)
-    gen = torch.Generator().manual_seed(seed)
-    plain = lambda ids, n: plain_generate(target, ids, n, eos, acceptance, gen)  # noqa: E731
-    spec = lambda ids, n: speculative_generate(target, proposer, ids, n, eos, acceptance, gen)  # noqa: E731
-    for generate in (plain, spec):  # warm-up, not counted
-        answer(generate, tokenizer, ["Hello!"], 8, target.device)
-    tallies, checked, mismatches = defaultdict(Tally), 0, 0
-    for i, q in enumerate(qs):
-        base_results = answer(plain, tokenizer, q.turns, max_new_tokens, target.device)
-        spec_results = answer(spec, tokenizer, q.turns, max_new_tokens, target.device)
-        for s, b in zip(spec_results, base_results):
-            tallies[q.category].add(s, b)
-            checked += 1
-            mismatches += s.tokens != b.tokens
-        if progress:
-            print(f"[{i + 1}/{len(qs)}] {q.category}: tau so far {tallies[q.category].summary()['tau']:.2f}",
-                  file=sys.stderr)
+    options = dict(tree=tree, max_tree_nodes=max_tree_nodes, draft_k=draft_k, adaptive_k=adaptive_k)
+    with packed_linears(target, enabled=pack) as packed, packed_linears(drafter, enabled=pack) as packed_drafter:
+        if kind == "medusa":
+            drafter.attach_target(target)  # a shared-LM-head drafter borrows the packed head here ...
+        report = _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check_lossless, options,
+                           compare_hf, seed, progress)
+    if kind == "medusa":
+        drafter.attach_target(target)  # ... and the plain one again after
+    report["setup"].update(questions=questions, packed_linear_layers=packed + packed_drafter)
+    return report
+
+
+def _summaries(tallies: dict[str, Tally]) -> tuple[dict, dict]:
     overall = Tally()
     for t in tallies.values():
         overall.merge(t)
+    return overall.summary(), {c: t.summary() for c, t in sorted(tallies.items())}
+
+
+def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check_lossless, options, compare_hf,
+              seed, progress) -> dict:
+    torch.manual_seed(seed)  # transformers' sampling draws from the global generator
+    gen = torch.Generator().manual_seed(seed)
+    proposer, proposer_setup = make_proposer(drafter, target, temperature=temperature, generator=gen, **options)
+    eos, acceptance = stop_tokens(target, tokenizer), Acceptance(temperature=temperature)
+    methods = {
+        "plain": lambda ids, n: plain_generate(target, ids, n, eos, acceptance, gen),
+        "draftsmith": lambda ids, n: speculative_generate(target, proposer, ids, n, eos, acceptance, gen),
+    }
+    if compare_hf:
+        counter = ForwardCounter(target)
+        methods["hf_assisted"] = lambda ids, n: hf_assisted_generate(target, drafter, ids, n, eos, temperature,
+                                                                     counter)
+    for generate in methods.values():  # warm-up, not counted
+        answer(generate, tokenizer, ["Hello!"], 8, target.device)
+    tallies = {name: defaultdict(Tally) for name in methods if name != "plain"}
+    checked, mismatches = 0, defaultdict(int)
+    for i, q in enumerate(qs):
+        results = {name: answer(generate, tokenizer, q.turns, max_new_tokens, target.device)
+                   for name, generate in methods.items()}  # plain first, then each method, on the same machine
+        for turn, base in enumerate(results["plain"]):
+            checked += 1
+            for name in tallies:
+                tallies[name][q.category].add(results[name][turn], base)
+                mismatches[name] += results[name][turn].tokens != base.tokens
+        if progress:
+            print(f"[{i + 1}/{len(qs)}] {q.category}: tau so far "
+                  f"{tallies['draftsmith'][q.category].summary()['tau']:.2f}", file=sys.stderr)
+    if compare_hf:
+        counter.handle.remove()
+    overall, per_category = _summaries(tallies["draftsmith"])
     report = {
-        "overall": overall.summary(),
-        "per_category": {c: t.summary() for c, t in sorted(tallies.items())},
+        "overall": overall,
+        "per_category": per_category,
         "setup": {
-            "target": target.config._name_or_path, "drafter_kind": drafter.config.model_type,
-            "drafter_target": drafter.config.target_name_or_path, "questions": questions, "num_questions": len(qs),
+            "target": target.config._name_or_path, "drafter_kind": drafter_kind(drafter),
+            "drafter_target": _drafter_target(drafter), "num_questions": len(qs),
             "max_new_tokens": max_new_tokens, "temperature": temperature,
-            "acceptance": "greedy (lossless)" if temperature == 0 else "typical acceptance (LOSSY)",
+            "acceptance": _acceptance_name(drafter, temperature),
             "dtype": str(target.get_output_embeddings().weight.dtype).removeprefix("torch."),
             "device": str(target.device), "torch_threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(), "tree": calibration or {"paths": proposer.paths},
+            "machine": platform.processor() or platform.machine(), "proposer": proposer_setup,
         },
     }
     if check_lossless:
-        report["lossless"] = {"checked": checked, "mismatches": mismatches}
+        report["lossless"] = {"checked": checked, "mismatches": mismatches["draftsmith"]}
+    if compare_hf:
+        hf_overall, hf_per_category = _summaries(tallies["hf_assisted"])
+        report["hf_assisted"] = {"overall": hf_overall, "per_category": hf_per_category,
+                                 "settings": _hf_assistant_settings(drafter)}
+        if check_lossless:
+            report["hf_assisted"]["lossless"] = {"checked": checked, "mismatches": mismatches["hf_assisted"]}
     return report
+
+
+def _hf_assistant_settings(draft: PreTrainedModel) -> dict:
+    """The assisted-generation settings transformers used: the draft's generation config, else its defaults."""
+    config = draft.generation_config
+    defaults = getattr(config, "_get_default_generation_params", dict)()
+    names = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+    return {n: getattr(config, n, None) if getattr(config, n, None) is not None else defaults.get(n) for n in names}
+
+
+def _acceptance_name(drafter, temperature: float) -> str:
+    if temperature == 0:
+        return "greedy (lossless)"
+    if drafter_kind(drafter) == "draft_lm":
+        return "speculative sampling (lossless in distribution)"
+    return "typical acceptance (LOSSY)"
+
+
+def _drafter_target(drafter) -> str | None:
+    """The target a drafter was trained for, as recorded in its config."""
+    if drafter_kind(drafter) == "medusa":
+        return drafter.config.target_name_or_path
+    return (getattr(drafter.config, "draftsmith", None) or {}).get("target_name_or_path")
 
 
 def format_table(report: dict) -> str:
@@ -129,6 +258,18 @@ def format_table(report: dict) -> str:
     if "lossless" in report:
         lines.append(f"lossless check: {report['lossless']['mismatches']} mismatching answers of "
                      f"{report['lossless']['checked']}")
+    hf = report.get("hf_assisted")
+    if hf:
+        lines += ["", "transformers assisted generation, same draft, same prompts:",
+                  f"{'category':<20}{'tau':>6}{'speedup':>9}{'tok/s':>8}{'base':>8}{'ours/hf':>9}", "-" * 60]
+        ours = {**report["per_category"], "overall": report["overall"]}
+        for name, r in [*hf["per_category"].items(), ("overall", hf["overall"])]:
+            ratio = ours[name]["tokens_per_s"] / r["tokens_per_s"] if r["tokens_per_s"] else 0.0
+            lines.append(f"{name:<20}{r['tau']:>6.2f}{r['speedup']:>8.2f}x{r['tokens_per_s']:>8.1f}"
+                         f"{r['baseline_tokens_per_s']:>8.1f}{ratio:>8.2f}x")
+        if "lossless" in hf:
+            lines.append(f"lossless check (hf): {hf['lossless']['mismatches']} mismatching answers of "
+                         f"{hf['lossless']['checked']}")
     return "\n".join(lines)
 
 
@@ -145,23 +286,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--questions", required=True, help="Spec-Bench-format JSONL path, or 'mt-bench'")
     p.add_argument("--output", help="write the JSON report here")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="> 0 uses typical acceptance (lossy)")
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0: speculative sampling for draft LMs "
+                   "(lossless), typical acceptance for Medusa (lossy)")
     p.add_argument("--per-category", type=int, help="first N questions of each category")
     p.add_argument("--limit", type=int, help="at most N questions in all")
     p.add_argument("--check-lossless", action="store_true", help="count answers that differ from plain greedy")
     p.add_argument("--tree", default="auto", help="'auto' (calibrated), 'chain', or JSON rank paths")
     p.add_argument("--max-tree-nodes", type=int, default=64)
+    p.add_argument("--draft-k", type=int, default=4, help="draft LMs: tokens drafted per step (the start value "
+                   "when adaptive)")
+    p.add_argument("--fixed-k", action="store_true", help="draft LMs: keep k fixed (default: adaptive k)")
+    p.add_argument("--compare-hf", action="store_true", help="draft LMs: also time transformers' assisted "
+                   "generation with the same draft, prompts, budget and temperature")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-pack", action="store_true", help="CPU: keep torch's default linear layers (no oneDNN "
+                   "prepacking) for target and drafter")
     args = p.parse_args(argv)
     if args.check_lossless and args.temperature != 0:
         p.error("--check-lossless compares against greedy decoding: use --temperature 0")
     target, tokenizer = load_target(args.target, dtype=args.dtype)
     drafter = load_drafter(args.drafter, target).to(target.dtype)
+    if args.compare_hf and drafter_kind(drafter) != "draft_lm":
+        p.error(f"--compare-hf needs a draft LM; {args.drafter} holds {drafter_kind(drafter)} heads")
     report = evaluate_drafter(target, tokenizer, drafter, args.questions, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, per_category=args.per_category, limit=args.limit,
                               check_lossless=args.check_lossless, tree=args.tree,
-                              max_tree_nodes=args.max_tree_nodes, seed=args.seed)
+                              max_tree_nodes=args.max_tree_nodes, draft_k=args.draft_k,
+                              adaptive_k=not args.fixed_k, compare_hf=args.compare_hf, seed=args.seed,
+                              pack=not args.no_pack)
     print(format_table(report))
     if args.output:
         write_report(report, args.output)

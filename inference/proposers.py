@@ -36,6 +36,7 @@ class MedusaProposer:
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
         self.hidden = hidden_states[-1]
 
+    @torch.no_grad()
     def propose(self, root: int) -> TokenTree:
         states = self.drafter.head_states(self.hidden)[:self.depth]       # depth x [H]
         top = [self.drafter.head_logits(d, s).topk(k).indices for d, (s, k) in enumerate(zip(states, self.topk))]

@@ -1,9 +1,12 @@
 """The verification loop: a drafter proposes a token tree, the target scores every node in one forward pass,
 and the longest path the target agrees with is kept (its KV entries compacted, the rest dropped).
 
-Greedy verification is lossless: the output is token for token the target's own greedy output. Typical
-acceptance (Medusa, Cai et al. 2024, sec. 3.3.1) is offered for temperature > 0 and is LOSSY: it accepts any
-candidate the target finds "typical enough", so the output distribution is not the target's.
+At temperature 0, greedy verification is lossless: the output is token for token the target's own greedy output.
+At temperature > 0 there are two rules:
+  - speculative sampling (Leviathan et al. 2023, Chen et al. 2023) for chains sampled from a draft whose
+    distributions q come with the tree (`TokenTree.draft_probs`): lossless in distribution;
+  - typical acceptance (Medusa, Cai et al. 2024, sec. 3.3.1) for everything else (Medusa trees): LOSSY, it
+    accepts any candidate the target finds "typical enough", so the output distribution is not the target's.
 
 Batch size 1 throughout (as in Spec-Bench); shapes below drop the batch dimension where it is always 1.
 """
@@ -44,19 +47,26 @@ class GenerationResult:
 
 @dataclass
 class Acceptance:
-    """How candidates are accepted. temperature 0: greedy (lossless). temperature > 0: typical acceptance
-    (lossy) with Medusa's defaults epsilon (posterior_threshold) 0.09 and delta (posterior_alpha) 0.3."""
+    """How candidates are accepted. temperature 0: greedy (lossless). temperature > 0: speculative sampling for
+    sampled chains (lossless), else typical acceptance (lossy) with Medusa's defaults epsilon
+    (posterior_threshold) 0.09 and delta (posterior_alpha) 0.3."""
     temperature: float = 0.0
     epsilon: float = 0.09
     delta: float = 0.3
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """probs [N, V] (or [V]) -> one token per row, drawn on the generator's device."""
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _choose(logits: torch.Tensor, acceptance: Acceptance, generator: torch.Generator | None) -> torch.Tensor:
     """logits [N, V] -> the target's token after each node [N] (argmax, or a sample at the temperature)."""
     if acceptance.temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / acceptance.temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample(torch.softmax(logits.float() / acceptance.temperature, dim=-1), generator)
 
 
 def _accepted_nodes(tree: TokenTree, logits: torch.Tensor, acceptance: Acceptance) -> list[bool]:
@@ -73,6 +83,30 @@ def _accepted_nodes(tree: TokenTree, logits: torch.Tensor, acceptance: Acceptanc
     for i in range(1, len(tree)):
         accepted[i] = ok[i - 1] and accepted[tree.parents[i]]
     return accepted
+
+
+def speculative_sampling(tokens: torch.Tensor, draft_probs: torch.Tensor, logits: torch.Tensor, temperature: float,
+                         generator: torch.Generator | None) -> tuple[int, int]:
+    """Leviathan et al. 2023, Algorithm 1, on a chain. tokens [k + 1] (root first), draft_probs [k, V] (q_i, the
+    draft distribution token i was sampled from), logits [k + 1, V] (the target's after each node; p_i = softmax of
+    row i - 1 at `temperature`). Accept token i with probability min(1, p_i(x_i) / q_i(x_i)); at the first
+    rejection sample from norm(max(0, p_i - q_i)); if all k are accepted, sample the bonus token from p_{k+1}.
+    Returns (number of drafted tokens accepted, the next token)."""
+    p = torch.softmax(logits.float() / temperature, dim=-1)                       # [k + 1, V]
+    q = draft_probs.to(p)                                                         # [k, V]
+    k = q.shape[0]
+    drafted = tokens[1:].to(p.device)                                             # [k]
+    rows = torch.arange(k, device=p.device)
+    ratio = p[rows, drafted] / q[rows, drafted].clamp_min(1e-20)                  # [k]
+    u = torch.rand(k, generator=generator, device=generator.device if generator is not None else "cpu").to(p)
+    rejected = (u >= ratio).nonzero()
+    if len(rejected) == 0:
+        return k, int(sample(p[k], generator))
+    i = int(rejected[0])
+    residual = (p[i] - q[i]).clamp_min(0)
+    if residual.sum() <= 0:  # p_i == q_i up to rounding: a rejection had probability ~0; p_i is the right law
+        residual = p[i]
+    return i, int(sample(residual / residual.sum(), generator))
 
 
 def keep_cache_entries(cache: DynamicCache, prefix_len: int, keep: torch.Tensor) -> None:
@@ -136,13 +170,18 @@ def speculative_generate(target: PreTrainedModel, proposer: Proposer, input_ids:
         )
         result.forwards += 1
         logits = out.logits[0]                                              # [N, V]
-        accepted = _accepted_nodes(tree, logits, acceptance)
-        best = max(range(len(tree)), key=lambda i: (accepted[i] and depths[i].item(), -i))
+        if acceptance.temperature > 0 and tree.draft_probs is not None:   # a sampled chain: node i at depth i
+            best, bonus = speculative_sampling(tree.tokens, tree.draft_probs, logits, acceptance.temperature,
+                                               generator)
+            bonus = [bonus]
+        else:
+            accepted = _accepted_nodes(tree, logits, acceptance)
+            best = max(range(len(tree)), key=lambda i: (accepted[i] and depths[i].item(), -i))
+            bonus = _choose(logits[best:best + 1], acceptance, generator).tolist()
         path = torch.tensor(tree.path_to(best), device=device)             # [n], root first
         keep_cache_entries(cache, prefix_len, path)
         proposer.update(tree.tokens[path], out.hidden_states[0, path])
         result.accept_lengths.append(len(path) - 1)
-        bonus = _choose(logits[best:best + 1], acceptance, generator).tolist()
         done = _finish(tree.tokens[path[1:]].tolist() + bonus, result.tokens, max_new_tokens, eos)
     result.seconds = time.perf_counter() - start
     return result

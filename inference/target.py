@@ -22,7 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # owner/name or name, as the Hugging Face Hub spells repository ids.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
-__all__ = ["DTYPES", "EMBEDDED_TARGETS", "TargetOutput", "load_target", "stop_tokens", "target_forward",
+__all__ = ["DTYPES", "EMBEDDED_TARGETS", "TargetOutput", "lm_logits", "load_target", "stop_tokens", "target_forward",
            "to_torch_dtype"]
 
 
@@ -122,7 +122,7 @@ def target_forward(
     )
     hidden = out.last_hidden_state  # [B, T, H]
     selected = _select_positions(hidden, logits_at)  # [B, T', H] or None
-    logits = None if selected is None else _lm_logits(target, selected)
+    logits = None if selected is None else lm_logits(target, selected)
     return TargetOutput(hidden_states=hidden, logits=logits, past_key_values=_output_cache(out))
 
 
@@ -150,7 +150,7 @@ def _select_positions(hidden: torch.Tensor, logits_at: int | torch.Tensor | None
     )
 
 
-def _lm_logits(target: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+def lm_logits(target: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The target's LM head on hidden [B, T', H] -> [B, T', V], with final-logit soft-capping if the config has it."""
     logits = target.get_output_embeddings()(hidden)
     cap = getattr(target.config, "final_logit_softcapping", None)

@@ -30,3 +30,11 @@ def make_tiny_target(arch: str = "llama", seed: int = 0, vocab_size: int = VOCAB
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny_target(request):
     return make_tiny_target(request.param)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny saved target, conversations and questions; the config overrides that point at them."""
+    from tiny_assets import write_tiny_assets
+
+    return write_tiny_assets(tmp_path_factory.mktemp("assets"))

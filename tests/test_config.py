@@ -1,4 +1,5 @@
 """Training configs: every shipped YAML parses, overrides are typed, unknown keys and bad values are clear errors."""
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,25 @@ def test_every_shipped_config_parses(path):
 
 
 def test_shipped_configs_exist():
-    assert {p.name for p in CONFIGS} >= {"medusa_tiny.yaml", "medusa_smollm2.yaml"}
+    assert {p.name for p in CONFIGS} >= {"medusa_tiny.yaml", "medusa_smollm2.yaml", "draft_lm_tiny.yaml",
+                                         "draft_lm_smollm2.yaml"}
+
+
+def test_draft_lm_section_is_typed_and_checked():
+    cfg = load_config(str(CONFIGS[0].parent / "draft_lm_tiny.yaml"),
+                      ["drafter.losses={jsd: 1.0, ce: 0.5}", "drafter.init_layers=[1]", "drafter.lora=true"])
+    assert (cfg.drafter.losses, cfg.drafter.init_layers, cfg.drafter.lora) == ({"jsd": 1.0, "ce": 0.5}, [1], True)
+    bad = {
+        "drafter.losses={kl: 1.0}": "drafter.losses={'kl': 1.0} names unknown losses ['kl']; known: forward_kl",
+        "drafter.losses=3": "drafter.losses='3' must be a mapping, e.g. drafter.losses={forward_kl: 1.0}",
+        "drafter.losses={tvd: 0}": "weights must be >= 0, at least one > 0",
+        "drafter.init_layers=[0, 1, 2]": "copies more layers than drafter.num_layers=2",
+        "drafter.jsd_beta=1": "must be strictly between 0 and 1",
+        "drafter.num_heads=3": "unknown key drafter.num_heads (a command-line override) in drafter",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(str(CONFIGS[0].parent / "draft_lm_tiny.yaml"), [override])
 
 
 def test_main_config_is_the_readme_job():

@@ -47,7 +47,7 @@ def test_evaluate_cli_writes_report_and_is_lossless(saved, capsys):
     cats = report["per_category"].values()
     assert report["overall"]["new_tokens"] == sum(r["new_tokens"] for r in cats)
     assert report["overall"]["target_forwards"] == sum(r["target_forwards"] for r in cats)
-    assert 2 <= report["setup"]["tree"]["nodes"] <= 8
+    assert 2 <= report["setup"]["proposer"]["nodes"] <= 8
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:3] == ["category", "tau", "speedup"] and "overall" in table
     assert format_table(report) in table

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from drafters import MedusaModel, load_drafter
 from inference.target import load_target
-from tiny_assets import write_tiny_assets
+from tiny_assets import metric_rows, tiny_overrides
 from train import trainer
 from train.config import CheckpointConfig, load_config
 from train.objectives import IGNORE, MedusaObjective, head_topk_accuracy, medusa_labels
@@ -20,7 +20,6 @@ from train.train_heads import run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "medusa_tiny.yaml")
-COMPARED = ("step", "lr", "loss", "head_loss", "head_acc", "padding_fraction")  # metrics that must not drift
 
 
 # --- the loss --------------------------------------------------------------------------------------------------
@@ -169,21 +168,6 @@ def test_auto_resume_takes_newest_complete_checkpoint(tmp_path):
 
 # --- training runs (DeepSpeed, CPU, in-process) -----------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_tiny_assets(tmp_path_factory.mktemp("assets"))
-
-
-def tiny_overrides(assets: dict, output_dir: Path, *overrides: str) -> list[str]:
-    return [f"{k}={v}" for k, v in assets.items()] + [
-        f"output_dir={output_dir}", "data.limit=null", "data.max_length=128", "data.max_tokens=512",
-        "eval.questions=null", "logging.progress_bar=false", *overrides]
-
-
-def metric_rows(output_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: r[k] for k in COMPARED} for r in rows]
 
 
 @pytest.mark.parametrize("overrides", [

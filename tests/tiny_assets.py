@@ -88,3 +88,19 @@ def write_tiny_assets(root: Path) -> dict[str, str]:
         "data.train": write_conversations(root / "conversations.jsonl"),
         "eval.questions": write_questions(root / "questions.jsonl"),
     }
+
+
+METRICS_COMPARED = ("step", "lr", "loss", "head_loss", "head_acc", "padding_fraction")  # must not drift on resume
+
+
+def tiny_overrides(assets: dict, output_dir: Path, *overrides: str) -> list[str]:
+    """Overrides that run a tiny config on the tiny assets, without evaluation, into `output_dir`."""
+    return [f"{k}={v}" for k, v in assets.items()] + [
+        f"output_dir={output_dir}", "data.limit=null", "data.max_length=128", "data.max_tokens=512",
+        "eval.questions=null", "logging.progress_bar=false", *overrides]
+
+
+def metric_rows(output_dir: Path) -> list[dict]:
+    """The metrics.jsonl rows of a run, restricted to the fields a resumed run must reproduce exactly."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in METRICS_COMPARED} for r in rows]

@@ -38,8 +38,43 @@ class MedusaDrafter:
         _check(self.num_layers >= 1, "drafter.num_layers", self.num_layers, "must be >= 1")
 
 
-# drafter.kind -> the dataclass of that kind's `drafter` section. EAGLE and draft LMs register here.
-DRAFTER_KINDS: dict[str, type] = {"medusa": MedusaDrafter}
+@dataclass
+class DraftLMDrafter:
+    kind: Literal["draft_lm"] = "draft_lm"
+    from_pretrained: str | None = None  # an existing small causal LM with the target's vocabulary; null: build one
+    num_layers: int = 2  # built drafts: decoder layers (the target's own architecture, fewer layers)
+    init_layers: list[int] = field(default_factory=list)  # target layers copied into the first draft layers
+    train_embeddings: bool = False  # False: the target's embeddings / LM head / final norm stay frozen
+    lora: bool = False  # train LoRA adapters on the decoder layers' projections only (peft)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None  # null: every linear projection of the decoder layers
+    save_merged: bool = True  # LoRA: save merged full weights (true) or the adapters only (false)
+    losses: dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})  # name -> weight
+    temperature: float = 1.0  # of teacher and student in the divergences
+    jsd_beta: float = 0.5  # the teacher's weight in JSD(beta)
+
+    def __post_init__(self):
+        from train.losses import LOSS_NAMES
+
+        _check(self.num_layers >= 1, "drafter.num_layers", self.num_layers, "must be >= 1")
+        _check(len(self.init_layers) <= self.num_layers, "drafter.init_layers", self.init_layers,
+               f"copies more layers than drafter.num_layers={self.num_layers}")
+        _check(self.lora_r >= 1, "drafter.lora_r", self.lora_r, "must be >= 1")
+        _check(0 <= self.lora_dropout < 1, "drafter.lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        _check(bool(self.losses), "drafter.losses", self.losses, f"must weigh at least one of {', '.join(LOSS_NAMES)}")
+        unknown = sorted(set(self.losses) - set(LOSS_NAMES))
+        _check(not unknown, "drafter.losses", self.losses, f"names unknown losses {unknown}; known: "
+               f"{', '.join(LOSS_NAMES)}")
+        _check(all(w >= 0 for w in self.losses.values()) and any(w > 0 for w in self.losses.values()),
+               "drafter.losses", self.losses, "weights must be >= 0, at least one > 0")
+        _check(self.temperature > 0, "drafter.temperature", self.temperature, "must be > 0")
+        _check(0 < self.jsd_beta < 1, "drafter.jsd_beta", self.jsd_beta, "must be strictly between 0 and 1")
+
+
+# drafter.kind -> the dataclass of that kind's `drafter` section. EAGLE registers here.
+DRAFTER_KINDS: dict[str, type] = {"medusa": MedusaDrafter, "draft_lm": DraftLMDrafter}
 
 
 @dataclass
@@ -134,9 +169,13 @@ class EvalConfig:
     check_lossless: bool = False
     tree: str = "auto"  # auto: sized from measured head accuracy and this machine's latency | chain | JSON paths
     max_tree_nodes: int = 64
+    draft_k: int = 4  # draft LMs: tokens drafted per step (start value when adaptive)
+    adaptive_k: bool = True
+    compare_hf: bool = False  # draft LMs: also time transformers' assisted generation with the same draft
 
     def __post_init__(self):
         _check(self.max_tree_nodes >= 1, "eval.max_tree_nodes", self.max_tree_nodes, "must be >= 1")
+        _check(self.draft_k >= 1, "eval.draft_k", self.draft_k, "must be >= 1")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
         _check(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0")
 
@@ -151,7 +190,7 @@ class PushConfig:
 class TrainConfig:
     target: str  # embedded name (smollm2-135m-instruct), checkpoint directory or Hub id
     output_dir: str  # drafter/, eval.json, metrics.jsonl, checkpoints/ end up here
-    drafter: MedusaDrafter = field(default_factory=MedusaDrafter)
+    drafter: MedusaDrafter | DraftLMDrafter = field(default_factory=MedusaDrafter)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -273,6 +312,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if parsed not in args:
             raise ConfigError(f"{key}={value!r} is not allowed; use one of {allowed}")
         return parsed
+    if origin is dict:
+        try:
+            items = yaml.safe_load(value) if is_text else value
+        except yaml.YAMLError:
+            items = None
+        if not isinstance(items, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping, e.g. {key}={{forward_kl: 1.0}}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in items.items()}
     if origin is list:
         try:
             items = yaml.safe_load(value) if is_text else value

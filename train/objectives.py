@@ -1,5 +1,7 @@
 """Training objectives: what a drafter is asked to predict, and the loss. The DeepSpeed engine wraps the objective
 module (which holds the drafter as its only submodule); the frozen target is kept outside it, in a plain list.
+Every objective maps input_ids, attention_mask, loss_mask [B, T] to (loss, stats [rows, 3]), stats holding
+(loss sum, top-1 hits, count) per row (per head for Medusa, one row for a draft LM).
 
 Medusa (Cai et al., 2024): head k (0-based) reads the target's last hidden state h_t and predicts token x_{t+k+2}.
 With `labels="target"` its label is the target's own greedy token at position t+k+1, argmax p(. | x_{<=t+k+1}),
@@ -13,10 +15,12 @@ from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import nn
 
 from drafters import MedusaModel
-from inference.target import target_forward
+from inference.target import lm_logits, target_forward
+from train.losses import distill_loss
 
 IGNORE = -100  # label of a (head, position) pair that is not supervised
 LM_HEAD_CHUNK = 1024  # rows per target LM-head call when computing greedy labels: bounds the [rows, V] logits
@@ -149,3 +153,61 @@ def head_topk_accuracy(drafter: MedusaModel, target: nn.Module, batches: Iterabl
             hits[k] += (ranks == y[:, None]).sum(0).double().cpu()
             count[k] += y.numel()
     return (hits / count.clamp(min=1)[:, None]).tolist()
+
+
+class DraftLMObjective(nn.Module):
+    """Distillation of a draft LM from the target (DistillSpec, Zhou et al., 2024): at every position t whose next
+    token x_{t+1} is a supervised assistant token, the draft's next-token distribution q(. | x_{<=t}) is pulled
+    towards the target's p(. | x_{<=t}) by the configured mix of divergences (train/losses.py); 'ce' uses the data
+    token x_{t+1} as label (on self-distilled data: the target's own text). Logits exist only at those positions.
+    stats: one row, (loss sum, positions where the draft's argmax is the target's, positions)."""
+
+    def __init__(self, drafter: nn.Module, target: nn.Module, weights: dict[str, float], temperature: float = 1.0,
+                 jsd_beta: float = 0.5):
+        super().__init__()
+        self.drafter = drafter  # a causal LM, or a peft model around one
+        self._target = [target]
+        self.weights, self.temperature, self.jsd_beta = dict(weights), temperature, jsd_beta
+
+    @property
+    def target(self) -> nn.Module:
+        return self._target[0]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, T]: positions whose next token is supervised
+        needed[:, :-1] = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+        labels = input_ids[:, 1:][needed[:, :-1]]  # [M] the data's next tokens
+        with torch.no_grad():
+            hidden = target_forward(self.target, input_ids, attention_mask, logits_at=0, use_cache=False
+                                    ).hidden_states  # [B, T, H]
+            teacher = lm_logits(self.target, hidden[needed])  # [M, V]
+        draft = unwrap(self.drafter)
+        draft_hidden = target_forward(draft, input_ids, attention_mask, logits_at=0, use_cache=False).hidden_states
+        student = lm_logits(draft, draft_hidden[needed])  # [M, V]
+        loss, _ = distill_loss(student, teacher, None, self.weights, self.temperature, labels, self.jsd_beta)
+        m = labels.numel()
+        hits = int((student.argmax(-1) == teacher.argmax(-1)).sum())
+        return loss, torch.tensor([[loss.item() * m, hits, m]], dtype=torch.float64)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The causal LM inside a peft model (its LoRA layers are injected in place), or the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+@torch.no_grad()
+def draft_agreement(draft: nn.Module, target: nn.Module, batches: Iterable[dict]) -> float:
+    """Share of supervised positions where the draft's greedy next token is the target's (greedy acceptance of
+    the first drafted token, measured on held-out text)."""
+    hits = count = 0
+    for batch in batches:
+        ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        needed = torch.zeros_like(lm, dtype=torch.bool)
+        needed[:, :-1] = lm[:, 1:].bool() & am[:, 1:].bool()
+        t = lm_logits(target, target_forward(target, ids, am, logits_at=0, use_cache=False).hidden_states[needed])
+        d = lm_logits(unwrap(draft), target_forward(unwrap(draft), ids, am, logits_at=0, use_cache=False
+                                                    ).hidden_states[needed])
+        hits += int((t.argmax(-1) == d.argmax(-1)).sum())
+        count += int(needed.sum())
+    return hits / max(count, 1)

@@ -140,10 +140,9 @@ def build_engine(module: torch.nn.Module, training: TrainingConfig, total_steps:
     LambdaLR, both stepped by DeepSpeed once per optimizer step."""
     decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]  # weight matrices
     no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]  # biases
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=training.lr, betas=tuple(training.betas),
-    )
+    groups = [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # (DeepSpeed drops empty groups, e.g. no biases under LoRA, which would desynchronise the LR scheduler)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=training.lr, betas=tuple(training.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, training.warmup_steps, training.min_lr_ratio))
     ds_config = {

@@ -1,0 +1,90 @@
+"""Speculative sampling is lossless in distribution: sampled chains verified by the target produce the target's
+own sampling distribution. Checked with a chi-square test against exact probabilities (fixed seeds, so the test
+is deterministic), with a negative control showing the test tells the draft's distribution from the target's."""
+import itertools
+
+import pytest
+import torch
+
+from conftest import make_tiny_target
+from inference.draft_lm_proposer import DraftLMProposer
+from inference.speculative import Acceptance, plain_generate, speculative_generate, speculative_sampling
+
+VOCAB, NEW, PROMPT = 4, 3, torch.tensor([1, 3, 0, 2])
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; cells with expected count < 1 are pooled into one."""
+    expected = probs.double() * counts.sum()
+    small = expected < 1
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+def test_speculative_sampling_first_token_follows_target():
+    """The token emitted at the first draft position (accepted draft or residual sample) ~ p_1 exactly."""
+    gen = torch.Generator().manual_seed(0)
+    p_logits = torch.randn(3, 6, generator=gen) * 1.5    # target logits after root, after draft 1, after draft 2
+    q = torch.softmax(torch.randn(2, 6, generator=gen) * 1.5, dim=-1)
+    p1 = torch.softmax(p_logits[0], -1)
+    counts = torch.zeros(6)
+    accepted = 0
+    for _ in range(6000):
+        drafts = torch.multinomial(q, 1, generator=gen).squeeze(-1)       # [2], token i ~ q_i
+        n, nxt = speculative_sampling(torch.cat([torch.tensor([0]), drafts]), q, p_logits, 1.0, gen)
+        counts[drafts[0] if n >= 1 else nxt] += 1
+        accepted += n >= 1
+    assert chi_square_p_value(counts, p1) > 1e-3
+    # acceptance rate of the first draft = 1 - TVD(p_1, q_1) (Leviathan et al., Theorem 3.5)
+    assert accepted / 6000 == pytest.approx(1 - 0.5 * (p1 - q[0]).abs().sum().item(), abs=0.02)
+
+
+def tiny_pair(arch: str):
+    target, draft = make_tiny_target(arch, seed=0, vocab_size=VOCAB), make_tiny_target(arch, seed=1, vocab_size=VOCAB)
+    with torch.no_grad():  # undo most of the fixture's sharpening: spread-out distributions test more cells
+        target.lm_head.weight.mul_(0.3)
+        draft.lm_head.weight.mul_(0.3)
+    return target, draft
+
+
+@torch.no_grad()
+def exact_sequence_probs(model, prompt: torch.Tensor, length: int) -> torch.Tensor:
+    """P(x_1..x_length | prompt) under `model` at temperature 1, for all VOCAB**length sequences -> [VOCAB**length]."""
+    seqs = torch.tensor(list(itertools.product(range(VOCAB), repeat=length)))            # [S, length]
+    ids = torch.cat([prompt.expand(len(seqs), -1), seqs], dim=1)
+    logp = torch.log_softmax(model(ids).logits[:, len(prompt) - 1:-1].float(), dim=-1)  # [S, length, V]
+    return logp.gather(-1, seqs[..., None]).squeeze(-1).sum(-1).exp()
+
+
+def counts_of(generate, n: int) -> torch.Tensor:
+    counts = torch.zeros(VOCAB ** NEW)
+    for _ in range(n):
+        tokens = generate()
+        counts[sum(t * VOCAB ** (NEW - 1 - i) for i, t in enumerate(tokens))] += 1
+    return counts
+
+
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])  # 30 s each
+def test_speculative_sampling_end_to_end_matches_target_distribution(arch):
+    target, draft = tiny_pair(arch)
+    exact = exact_sequence_probs(target, PROMPT, NEW)
+    gen = torch.Generator().manual_seed(1)
+    proposer = DraftLMProposer(draft, k=2, temperature=1.0, generator=gen)
+    accepted = []
+
+    def spec():
+        r = speculative_generate(target, proposer, PROMPT, NEW, eos=set(), acceptance=Acceptance(1.0),
+                                 generator=gen)
+        accepted.extend(r.accept_lengths)
+        return r.tokens
+
+    counts = counts_of(spec, 1500)
+    assert chi_square_p_value(counts, exact) > 1e-3
+    assert 0 < sum(accepted) < 2 * len(accepted)  # both acceptances and rejections happened
+    # negative control: the draft's own samples are far from the target's distribution
+    draft_counts = counts_of(lambda: plain_generate(draft, PROMPT, NEW, set(), Acceptance(1.0), gen).tokens, 1500)
+    assert chi_square_p_value(draft_counts, exact) < 1e-6

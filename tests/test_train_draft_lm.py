@@ -1,0 +1,118 @@
+"""Draft-LM distillation: the objective against a direct computation, real training runs (full and LoRA) through
+train/train_draft_lm.py, exact resume, the saved draft loading as a drafter, and the evaluation with --compare-hf."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from drafters import load_drafter
+from drafters.draft_lm import build_draft_lm
+from inference.target import load_target
+from tiny_assets import metric_rows, tiny_overrides
+from train.config import load_config
+from train.losses import forward_kl, total_variation
+from train.objectives import DraftLMObjective
+from train.train_draft_lm import main, run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "draft_lm_tiny.yaml")
+
+
+def test_draft_objective_equals_direct_computation(tiny_target):
+    target = tiny_target.double()
+    draft = build_draft_lm(target, num_layers=1).double()
+    with torch.no_grad():
+        for p in draft.model.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 256, (2, 12), generator=gen)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, 9:] = 0
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[0, 4:12] = loss_mask[1, 2:6] = 1
+    objective = DraftLMObjective(draft, target, {"forward_kl": 1.0, "tvd": 0.5, "ce": 0.25}, temperature=2.0)
+    loss, stats = objective(ids, attention_mask, loss_mask)
+
+    terms, hits = [], 0
+    p_all, q_all = target(ids, attention_mask=attention_mask).logits, draft(ids, attention_mask=attention_mask).logits
+    for b in range(2):
+        for t in range(11):
+            if loss_mask[b, t + 1] and attention_mask[b, t + 1]:
+                lp, lq = F.log_softmax(p_all[b, t] / 2, -1)[None], F.log_softmax(q_all[b, t] / 2, -1)[None]
+                ce = -F.log_softmax(q_all[b, t], -1)[ids[b, t + 1]]
+                terms.append(forward_kl(lp, lq)[0] + 0.5 * total_variation(lp, lq)[0] + 0.25 * ce)
+                hits += int(p_all[b, t].argmax() == q_all[b, t].argmax())
+    expected = torch.stack(terms).mean()
+    torch.testing.assert_close(loss, expected)
+    assert stats.tolist() == [[pytest.approx(expected.item() * len(terms)), hits, len(terms)]]
+    loss.backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert draft.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+
+def test_training_moves_draft_layers_only_and_evaluates_against_hf(assets, tmp_path):
+    out = tmp_path / "run"
+    extra = ["training.max_steps=3", f"eval.questions={assets['eval.questions']}", "eval.max_new_tokens=12",
+             "eval.check_lossless=true"]
+    cfg = load_config(TINY, tiny_overrides(assets, out, *extra))
+    result = run(cfg)
+    assert result.finished and result.step == 3
+
+    pristine, _ = load_target(assets["target"])
+    for (name, p), q in zip(result.target.named_parameters(), pristine.parameters()):
+        assert torch.equal(p.cpu(), q), f"target parameter {name} changed"
+    initial = dict(build_draft_lm(pristine, 2, [0]).named_parameters())
+    saved = load_drafter(str(out / "drafter"), pristine)
+    assert saved.config.draftsmith["kind"] == "draft_lm" and 0 <= saved.config.draftsmith["heldout_agreement"] <= 1
+    for name, p in saved.named_parameters():
+        frozen = "embed_tokens" in name or "lm_head" in name  # train_embeddings: false
+        assert torch.equal(p, initial[name]) == frozen, f"{name}: {'changed' if frozen else 'did not change'}"
+    assert (out / "drafter" / "tokenizer.json").is_file()
+
+    report = json.loads((out / "eval.json").read_text())
+    assert report["setup"]["drafter_kind"] == "draft_lm" and report["setup"]["proposer"]["k"] == 3
+    assert report["lossless"] == {"checked": 3, "mismatches": 0}  # 2 questions, one with two turns
+    hf = report["hf_assisted"]
+    assert hf["lossless"] == {"checked": 3, "mismatches": 0}  # greedy assisted generation is lossless too
+    for row in (report["overall"], hf["overall"]):
+        assert row["tau"] == pytest.approx(row["new_tokens"] / row["target_forwards"]) and row["tau"] >= 1
+    assert hf["overall"]["new_tokens"] == report["overall"]["new_tokens"]
+
+
+def test_lora_training_changes_only_adapters_and_saved_adapters_reload(assets, tmp_path):
+    out = tmp_path / "lora"
+    cfg = load_config(TINY, tiny_overrides(assets, out, "training.max_steps=2", "drafter.lora=true",
+                                      "drafter.save_merged=false", "drafter.init_layers=[0, 1]"))
+    result = run(cfg)
+    pristine, _ = load_target(assets["target"])
+    initial = build_draft_lm(pristine, 2, [0, 1])
+    assert (out / "drafter" / "adapter_config.json").is_file()
+    saved = load_drafter(str(out / "drafter"), pristine)
+    lora = {n: p for n, p in saved.named_parameters() if "lora_" in n}
+    assert lora and all(not torch.equal(p, torch.zeros_like(p)) for n, p in lora.items() if "lora_B" in n)
+    base = dict(initial.named_parameters())
+    for name, p in saved.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base[name.replace("base_model.model.", "").replace(".base_layer", "")]), name
+    ids = torch.tensor([[5, 9, 33, 7, 100]])
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids).logits, result.drafter(ids).logits, rtol=0, atol=0)
+
+
+def test_resume_continues_exactly(assets, tmp_path):
+    common = ("training.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=1")
+    full = run(load_config(TINY, tiny_overrides(assets, tmp_path / "full", *common)))
+    stopped = run(load_config(TINY, tiny_overrides(assets, tmp_path / "split", *common, "training.stop_after=2")))
+    assert not stopped.finished
+    resumed = run(load_config(TINY, tiny_overrides(assets, tmp_path / "split", *common)))
+    assert resumed.finished and metric_rows(tmp_path / "split") == metric_rows(tmp_path / "full")
+    for (name, p), q in zip(full.drafter.named_parameters(), resumed.drafter.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_scripts_refuse_the_other_kind(capsys):
+    with pytest.raises(SystemExit, match="this script trains 'draft_lm' drafters; use train/train_heads.py"):
+        main(["--config", str(REPO / "configs" / "medusa_tiny.yaml")])

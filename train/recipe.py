@@ -1,0 +1,260 @@
+"""What every drafter's training script shares: setup -> train -> save -> cleanup around a DeepSpeed engine.
+
+A recipe subclass says what is trained and how it is saved:
+  build_objective()          the nn.Module DeepSpeed wraps: the drafter (its only trainable submodule, `.drafter`)
+                             plus the frozen target; forward(input_ids, attention_mask, loss_mask) returns
+                             (loss, stats [num_stats, 3] = (loss sum, top-1 hits, count) per row)
+  num_stats                  rows of those stats (Medusa: one per head; draft LM: one)
+  inference_drafter(state)   main rank, after training: the trained drafter rebuilt from a full state dict on the
+                             target's device and dtype, measured (e.g. held-out accuracy), ready to evaluate
+  save_drafter(drafter, dir) write it in its Hub format
+
+Data, batching, resume, checkpoints, logging, the final evaluation and the push live here, once.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from train import trainer  # first: it sets DS_ACCELERATOR before anything imports deepspeed
+from data.batching import collate, length_bucketed_batches, padding_fraction  # noqa: E402
+from data.embedded import resolve_data  # noqa: E402
+from data.tokenize import build_token_dataset  # noqa: E402
+from inference.target import load_target  # noqa: E402
+from train.config import ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int  # optimizer steps done
+    finished: bool  # False when training.stop_after ended the run early (resume it later)
+    drafter: torch.nn.Module | None  # the saved drafter (main rank, finished runs), ready for inference
+    target: torch.nn.Module
+
+
+class Recipe:
+    num_stats: int = 1
+
+    def __init__(self, cfg: TrainConfig, local_rank: int | None = None):
+        self.cfg = cfg
+        self.local_rank = local_rank
+
+    # --- what a drafter kind provides -------------------------------------------------------------------------
+
+    def build_objective(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def inference_drafter(self, state: dict) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def save_drafter(self, drafter: torch.nn.Module, path: Path) -> None:
+        raise NotImplementedError
+
+    # --- setup -------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, tc = self.cfg, self.cfg.training
+        self.d = d = trainer.init_distributed(self.local_rank)
+        trainer.seed_everything(tc.seed)
+        self.out = Path(cfg.output_dir)
+        if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, str(self.out / "config.yaml"))
+        self.target, self.tokenizer = load_target(cfg.target, dtype=tc.target_dtype, device=str(d.device))
+        self._setup_data()
+        self.objective = self.build_objective()
+        self.engine = trainer.build_engine(self.objective, tc, self.total_steps)
+        self.step, self.position = 0, (0, 0)  # optimizer steps done; (epoch, next micro-batch) in the data
+        resume = trainer.resume_path(cfg.checkpoint, cfg.output_dir)
+        if resume is not None:
+            state = trainer.load_checkpoint(self.engine, resume, d)
+            self.step, self.position = state["step"], (state["epoch"], state["batch"])
+            self._print(f"resumed from {resume} at step {self.step} (epoch {state['epoch']}, batch {state['batch']})")
+        self.metrics = trainer.MetricsLog(cfg.output_dir, cfg.logging, d, self.total_steps, self.step, cfg.to_dict())
+
+    def _setup_data(self) -> None:
+        cfg, d = self.cfg.data, self.d
+        source = resolve_data(cfg.train)
+        if not d.is_main:
+            torch.distributed.barrier()  # wait while the main rank fills the token cache, then read it
+        self.ds, report = build_token_dataset(source, self.tokenizer, cfg.max_length, cfg.cache_dir, cfg.limit)
+        if d.is_main:
+            torch.distributed.barrier()
+        self.lengths = list(self.ds["length"])
+        n = len(self.lengths)
+        held = min(cfg.holdout_max, int(n * cfg.holdout_fraction))
+        self.train_lengths, self.holdout = self.lengths[: n - held], list(range(n - held, n))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        first = length_bucketed_batches(self.train_lengths, cfg.max_tokens, self.cfg.training.seed, 0,
+                                        cfg.max_batch_size)
+        per_rank = len(first) // d.world_size
+        if per_rank == 0:
+            raise ValueError(f"{cfg.train}: {len(first)} micro-batches of <= {cfg.max_tokens} tokens cannot feed "
+                             f"{d.world_size} ranks; use more data (data.limit) or a smaller data.max_tokens")
+        tc = self.cfg.training
+        self.total_steps = tc.max_steps or sum(
+            len(self.epoch_batches(e)) for e in range(tc.epochs)) // tc.grad_accum
+        if self.total_steps == 0:
+            raise ValueError(f"{per_rank} micro-batches per rank and epoch make no optimizer step with "
+                             f"training.grad_accum={tc.grad_accum}; lower grad_accum or add data")
+        padding = padding_fraction(first, self.train_lengths)
+        self._print(f"data: {report.summary()} | {n - held:,} train / {held:,} held-out conversations, "
+                    f"{sum(self.train_lengths):,} train tokens, {len(first):,} micro-batches of <= {cfg.max_tokens:,} "
+                    f"tokens per epoch ({per_rank:,} per rank), padding {padding:.1%} | {self.total_steps:,} "
+                    f"optimizer steps")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches of `epoch`: a disjoint slice, the same count on every rank (lock-step)."""
+        c, d = self.cfg.data, self.d
+        batches = length_bucketed_batches(self.train_lengths, c.max_tokens, self.cfg.training.seed, epoch,
+                                          c.max_batch_size)
+        return batches[d.rank::d.world_size][: len(batches) // d.world_size]
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.ds[indices]
+        examples = [{"input_ids": i, "loss_mask": m} for i, m in zip(rows["input_ids"], rows["loss_mask"])]
+        return {k: v.to(self.d.device) for k, v in collate(examples, self.pad_id).items()}
+
+    def holdout_batches(self):
+        """Micro-batches of the held-out conversations (main rank, after training)."""
+        c = self.cfg.data
+        lengths = [self.lengths[i] for i in self.holdout]
+        for b in length_bucketed_batches(lengths, c.max_tokens, 0, 0, c.max_batch_size):
+            yield self.batch([self.holdout[j] for j in b])
+
+    # --- train -------------------------------------------------------------------------------------------------
+
+    def train(self) -> bool:
+        """Run to training.max_steps / epochs; False if training.stop_after ended it first (after a checkpoint)."""
+        cfg, engine = self.cfg, self.engine
+        window = trainer.Window(self.num_stats)
+        epoch, start = self.position
+        while self.step < self.total_steps:
+            batches = self.epoch_batches(epoch)
+            for i in range(start, len(batches)):
+                batch = self.batch(batches[i])
+                lr = engine.get_lr()[0]
+                loss, stats = engine(**batch)  # the target under no_grad; the drafter at supervised positions
+                engine.backward(loss)
+                engine.step()  # DeepSpeed steps optimizer + scheduler every training.grad_accum micro-batches
+                window.add(loss, stats, batch)
+                if engine.global_steps == self.step:
+                    continue  # inside a gradient-accumulation cycle
+                self.step, self.position = engine.global_steps, (epoch, i + 1)
+                self.metrics.step()
+                last = self.step == self.total_steps
+                if self.step % cfg.logging.log_every == 0 or last:
+                    self.metrics.log({"step": self.step, "epoch": epoch + (i + 1) / len(batches), "lr": lr,
+                                      **window.row(self.d)})
+                every = cfg.checkpoint.every_steps
+                stop = self.step == cfg.training.stop_after and not last
+                if (every and self.step % every == 0) or stop:
+                    self.save_checkpoint()
+                if stop:
+                    self._print(f"stopped after step {self.step} (training.stop_after); re-run to resume")
+                    return False
+                if last:
+                    return True
+            epoch, start = epoch + 1, 0
+        return True
+
+    def save_checkpoint(self) -> None:
+        epoch, batch = self.position
+        state = {"step": self.step, "epoch": epoch, "batch": batch, "world_size": self.d.world_size}
+        trainer.save_checkpoint(self.engine, self.cfg.output_dir, self.step, state, self.d,
+                                self.cfg.checkpoint.keep_last)
+
+    # --- save --------------------------------------------------------------------------------------------------
+
+    def save(self) -> torch.nn.Module | None:
+        """Main rank: rebuild and measure the trained drafter, save it to <output_dir>/drafter (atomically),
+        evaluate it into eval.json, push it if push.repo_id is set."""
+        state = trainer.gathered_state_dict(self.engine.module.drafter, self.d.is_main)  # collective under ZeRO-3
+        if not self.d.is_main:
+            return None
+        self.metrics.close_bar()
+        drafter = self.inference_drafter(state)
+        final = self.out / "drafter"
+        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".drafter.tmp-"))
+        self.save_drafter(drafter, tmp)
+        trainer.publish_dir(tmp, final)
+        self._print(f"saved drafter to {final}")
+        cfg = self.cfg
+        if cfg.eval.questions:
+            self.evaluate(drafter)
+        if cfg.push.repo_id:
+            from train.push import push_drafter
+            eval_path = self.out / "eval.json"
+            push_drafter(str(final), cfg.push.repo_id, private=cfg.push.private,
+                         eval_path=str(eval_path) if eval_path.is_file() else None)
+        return drafter
+
+    def evaluate(self, drafter: torch.nn.Module) -> None:
+        from inference.evaluate import evaluate_drafter, format_table, write_report
+        e = self.cfg.eval
+        report = evaluate_drafter(self.target, self.tokenizer, drafter, e.questions, max_new_tokens=e.max_new_tokens,
+                                  temperature=e.temperature, per_category=e.per_category, limit=e.limit,
+                                  check_lossless=e.check_lossless, tree=e.tree, max_tree_nodes=e.max_tree_nodes,
+                                  draft_k=e.draft_k, adaptive_k=e.adaptive_k, compare_hf=e.compare_hf)
+        tmp = self.out / ".eval.json.tmp"
+        write_report(report, str(tmp))
+        tmp.replace(self.out / "eval.json")
+        print(format_table(report), flush=True)
+
+    # --- cleanup -----------------------------------------------------------------------------------------------
+
+    def cleanup(self, clean: bool = True) -> None:
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if getattr(self, "engine", None) is not None:
+            self.engine.destroy()
+        trainer.shutdown_distributed(clean)
+
+    def _print(self, message: str) -> None:
+        if self.d.is_main:
+            print(message, flush=True)
+
+
+def run(recipe_cls: type[Recipe], cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
+    """Train (or resume) as configured; every rank calls this."""
+    recipe = recipe_cls(cfg, local_rank)
+    try:
+        recipe.setup()
+        finished = recipe.train()
+        drafter = recipe.save() if finished else None
+    except BaseException:
+        recipe.cleanup(clean=False)
+        raise
+    recipe.cleanup()
+    return TrainResult(Path(cfg.output_dir), recipe.step, finished, drafter, recipe.target)
+
+
+def parse_args(argv: list[str] | None, description: str) -> tuple[TrainConfig, int | None]:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file (configs/*.yaml)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. training.lr=3e-4 output_dir=runs/x")
+    args = p.parse_args(argv)
+    return load_config(args.config, args.overrides), args.local_rank
+
+
+def main(recipe_cls: type[Recipe], kind: str, argv: list[str] | None, description: str) -> TrainResult:
+    """The entry scripts' main: parse, check the config's drafter kind, run."""
+    try:
+        cfg, local_rank = parse_args(argv, description)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    if cfg.drafter.kind != kind:
+        sys.exit(f"config error: drafter.kind is {cfg.drafter.kind!r}, but this script trains {kind!r} drafters; "
+                 f"use {SCRIPTS.get(cfg.drafter.kind, 'the script for that kind')}")
+    return run(recipe_cls, cfg, local_rank)
+
+
+SCRIPTS = {"medusa": "train/train_heads.py", "draft_lm": "train/train_draft_lm.py"}
