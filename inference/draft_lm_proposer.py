@@ -11,6 +11,7 @@ the accepted tokens the cache lacks; `propose` feeds those together with the new
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel
 
@@ -38,7 +39,7 @@ class DraftLMProposer:
 
     def __init__(self, draft_model: PreTrainedModel | PeftModel, k: int = 4, adaptive: bool = False,
                  k_min: int = 1, k_max: int = 8, temperature: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, draft_vocab: list[int] | None = None):
         if not 1 <= k_min <= k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
         if not (k_min <= k <= k_max if adaptive else k >= 1):
@@ -50,17 +51,52 @@ class DraftLMProposer:
             raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy drafts)")
         self.k, self.adaptive, self.k_min, self.k_max = k, adaptive, k_min, k_max
         self.temperature, self.generator = temperature, generator
+        self.vocab, self.head = self._draft_head(draft_vocab)
         self.cache: DynamicCache | None = None
         self.tail: list[int] = []
         self.pending: list[int] = []
 
+    def _draft_head(self, draft_vocab: list[int] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """FR-Spec (Zhao et al., 2025): draft over the most frequent tokens only, with the LM head's rows of those
+        tokens ([N, H] instead of [V, H]). On a small model the LM head is much of a draft step's cost (SmolLM2:
+        28M of 135M parameters). Verification is unchanged, so decoding stays lossless; q is 0 outside the set."""
+        if draft_vocab is None:
+            return None, None
+        weight = self.draft.get_output_embeddings().weight
+        vocab = torch.tensor(sorted(set(draft_vocab)), device=weight.device)
+        if len(vocab) == 0 or vocab[0] < 0 or vocab[-1] >= weight.shape[0]:
+            raise ValueError(f"draft_vocab must be token ids in [0, {weight.shape[0]}); got {len(vocab)} ids "
+                             f"from {vocab.min().item() if len(vocab) else None} to "
+                             f"{vocab.max().item() if len(vocab) else None}")
+        if getattr(self.draft.config, "final_logit_softcapping", None) is not None:
+            raise ValueError("draft_vocab is not supported for drafts with final-logit soft-capping")
+        return vocab, weight.detach()[vocab].contiguous()
+
     @torch.no_grad()
     def _forward(self, tokens: list[int]) -> torch.Tensor:
-        """Append `tokens` to the draft cache; returns the draft's logits [V] after the last one."""
+        """Append `tokens` to the draft cache; returns the draft's logits after the last one: [V], or [N] over
+        the draft vocabulary."""
         device = self.draft.get_input_embeddings().weight.device
-        out = target_forward(self.draft, torch.tensor([tokens], device=device), past_key_values=self.cache,
-                             logits_at=1, use_cache=True)
-        return out.logits[0, -1]
+        ids = torch.tensor([tokens], device=device)
+        if self.head is None:
+            return target_forward(self.draft, ids, past_key_values=self.cache, logits_at=1, use_cache=True
+                                  ).logits[0, -1]
+        hidden = target_forward(self.draft, ids, past_key_values=self.cache, logits_at=0, use_cache=True
+                                ).hidden_states[0, -1]                  # [H]
+        return F.linear(hidden, self.head)                              # [N]
+
+    def _draw(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """One draft token from logits [V] or [N] (the draft vocabulary): argmax, or a sample with its
+        distribution q [V] over the full vocabulary."""
+        if self.temperature == 0:
+            i = int(logits.argmax())
+            return (i if self.vocab is None else int(self.vocab[i])), None
+        q = torch.softmax(logits.float() / self.temperature, dim=-1)
+        i = int(sample(q, self.generator))
+        if self.vocab is None:
+            return i, q
+        full = torch.zeros(self.draft.get_output_embeddings().weight.shape[0], device=q.device)
+        return int(self.vocab[i]), full.scatter_(0, self.vocab, q)
 
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
         """input_ids [T]: the prompt, queued for a fresh draft cache (the first propose prefills it together with
@@ -78,11 +114,10 @@ class DraftLMProposer:
         self.pending = []
         drafts, probs = [], []
         for i in range(self.k):
-            if self.temperature == 0:
-                drafts.append(int(logits.argmax()))
-            else:
-                probs.append(torch.softmax(logits.float() / self.temperature, dim=-1))   # q_i [V]
-                drafts.append(int(sample(probs[-1], self.generator)))
+            token, q = self._draw(logits)                                # q_i [V] when sampling
+            drafts.append(token)
+            if q is not None:
+                probs.append(q)
             if i < self.k - 1:  # the last draft token is not fed: its logits would be unused
                 logits = self._forward(drafts[-1:])
                 self.tail.append(drafts[-1])

@@ -78,13 +78,17 @@ def drafter_kind(drafter) -> str:
 
 
 def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_tree_nodes: int = 64, draft_k: int = 4,
-                  adaptive_k: bool = True, temperature: float = 0.0, generator: torch.Generator | None = None):
-    """The drafter's proposer and a description of its setup (the calibrated tree for Medusa, k for draft LMs)."""
+                  adaptive_k: bool = True, full_draft_vocab: bool = False, temperature: float = 0.0,
+                  generator: torch.Generator | None = None):
+    """The drafter's proposer and a description of its setup (the calibrated tree for Medusa; k and the draft
+    vocabulary for draft LMs: the frequent-token set recorded at training, unless full_draft_vocab)."""
     if drafter_kind(drafter) == "medusa":
         return medusa_proposer(drafter, target, tree, max_tree_nodes)
+    vocab = None if full_draft_vocab else (getattr(drafter.config, "draftsmith", None) or {}).get("draft_vocab")
     proposer = DraftLMProposer(drafter, k=draft_k, adaptive=adaptive_k, k_max=max(8, draft_k),
-                               temperature=temperature, generator=generator)
-    return proposer, {"k": draft_k, "adaptive": adaptive_k, "k_max": proposer.k_max}
+                               temperature=temperature, generator=generator, draft_vocab=vocab)
+    return proposer, {"k": draft_k, "adaptive": adaptive_k, "k_max": proposer.k_max,
+                      "draft_vocab": len(vocab) if vocab else "full"}
 
 
 class ForwardCounter:
@@ -130,8 +134,9 @@ def answer(generate, tokenizer, turns: list[str], max_new_tokens: int, device=No
 def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, drafter, questions: str, *,
                      max_new_tokens: int = 128, temperature: float = 0.0, per_category: int | None = None,
                      limit: int | None = None, check_lossless: bool = False, tree: str = "auto",
-                     max_tree_nodes: int = 64, draft_k: int = 4, adaptive_k: bool = True, compare_hf: bool = False,
-                     seed: int = 0, progress: bool = True, pack: bool = True) -> dict:
+                     max_tree_nodes: int = 64, draft_k: int = 4, adaptive_k: bool = True,
+                     full_draft_vocab: bool = False, compare_hf: bool = False, seed: int = 0, progress: bool = True,
+                     pack: bool = True) -> dict:
     """Run the evaluation and return the report (see the module docstring). pack: on CPU, run target and
     drafter with oneDNN-prepacked linear layers (inference.packing), both for plain and speculative decoding.
     compare_hf (draft LMs): also time transformers' assisted generation with the same draft."""
@@ -146,7 +151,8 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
             drafter = copy.deepcopy(drafter).merge_and_unload()
         check_draft_vocab(drafter.config, target.config)
     qs = load_questions(questions, per_category=per_category, limit=limit)
-    options = dict(tree=tree, max_tree_nodes=max_tree_nodes, draft_k=draft_k, adaptive_k=adaptive_k)
+    options = dict(tree=tree, max_tree_nodes=max_tree_nodes, draft_k=draft_k, adaptive_k=adaptive_k,
+                   full_draft_vocab=full_draft_vocab)
     with packed_linears(target, enabled=pack) as packed, packed_linears(drafter, enabled=pack) as packed_drafter:
         if kind == "medusa":
             drafter.attach_target(target)  # a shared-LM-head drafter borrows the packed head here ...
@@ -296,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draft-k", type=int, default=4, help="draft LMs: tokens drafted per step (the start value "
                    "when adaptive)")
     p.add_argument("--fixed-k", action="store_true", help="draft LMs: keep k fixed (default: adaptive k)")
+    p.add_argument("--full-draft-vocab", action="store_true", help="draft LMs: draft over the whole vocabulary "
+                   "even when the draft records a frequent-token set (drafter.draft_vocab at training)")
     p.add_argument("--compare-hf", action="store_true", help="draft LMs: also time transformers' assisted "
                    "generation with the same draft, prompts, budget and temperature")
     p.add_argument("--dtype", default="float32")
@@ -313,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
                               temperature=args.temperature, per_category=args.per_category, limit=args.limit,
                               check_lossless=args.check_lossless, tree=args.tree,
                               max_tree_nodes=args.max_tree_nodes, draft_k=args.draft_k,
-                              adaptive_k=not args.fixed_k, compare_hf=args.compare_hf, seed=args.seed,
+                              adaptive_k=not args.fixed_k, full_draft_vocab=args.full_draft_vocab,
+                              compare_hf=args.compare_hf, seed=args.seed,
                               pack=not args.no_pack)
     print(format_table(report))
     if args.output:

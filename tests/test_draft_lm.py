@@ -4,8 +4,8 @@ import torch
 from conftest import make_tiny_target
 from peft import PeftModel
 
-from drafters.draft_lm import (add_lora, build_draft_lm, check_draft_vocab, default_lora_modules, load_draft_lm,
-                               save_draft)
+from drafters.draft_lm import (add_lora, build_draft_lm, check_draft_vocab, default_lora_modules, frequent_tokens,
+                               load_draft_lm, save_draft, token_coverage)
 from inference.draft_lm_proposer import DraftLMProposer
 from inference.speculative import speculative_generate
 
@@ -184,6 +184,32 @@ def test_small_draft_is_lossless_with_rejections(arch, adaptive):
         assert result.tokens == hf_greedy(target, prompt, 40)
         accepts += result.accept_lengths
     assert min(accepts) == 0 and max(accepts) >= 3  # rejections (cache rolled back) and deep acceptances
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_frequent_token_draft_vocab_is_lossless_and_drafts_inside_it(arch):
+    """FR-Spec drafting: proposals come from the draft vocabulary only, equal the draft's argmax over it, and
+    verification keeps the output the target's."""
+    target = make_tiny_target(arch)
+    draft = build_draft_lm(target, 1, [0]).eval()
+    vocab = list(range(0, 256, 2)) + [2]  # even ids and eos
+    proposer = DraftLMProposer(draft, k=3, draft_vocab=vocab)
+    result = speculative_generate(target, proposer, PROMPT, 40, EOS)
+    assert result.tokens == hf_greedy(target, PROMPT, 40)
+    proposer.begin(PROMPT, None)
+    tree = proposer.propose(7)
+    assert set(tree.tokens[1:].tolist()) <= set(vocab)
+    logits = draft(torch.cat([PROMPT, torch.tensor([7])])[None]).logits[0, -1]
+    sub = torch.tensor(sorted(vocab))
+    assert tree.tokens[1].item() == int(sub[logits[sub].argmax()])
+    with pytest.raises(ValueError, match="draft_vocab must be token ids in \\[0, 256\\)"):
+        DraftLMProposer(draft, draft_vocab=[5, 300])
+
+
+def test_frequent_tokens_and_coverage():
+    rows = [torch.tensor([5, 5, 5, 7, 7, 9]), torch.tensor([7, 1])]
+    assert frequent_tokens(rows, 16, 2) == [5, 7]
+    assert token_coverage([5, 7], [torch.tensor([5, 9, 7, 7])]) == 0.75
 
 
 def test_lora_draft_proposes_with_its_adapters():

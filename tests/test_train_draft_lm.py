@@ -74,6 +74,8 @@ def test_training_moves_draft_layers_only_and_evaluates_against_hf(assets, tmp_p
 
     report = json.loads((out / "eval.json").read_text())
     assert report["setup"]["drafter_kind"] == "draft_lm" and report["setup"]["proposer"]["k"] == 3
+    assert report["setup"]["proposer"]["draft_vocab"] == 200 == len(saved.config.draftsmith["draft_vocab"])
+    assert 0.5 < saved.config.draftsmith["draft_vocab_heldout_coverage"] <= 1
     assert report["lossless"] == {"checked": 3, "mismatches": 0}  # 2 questions, one with two turns
     hf = report["hf_assisted"]
     assert hf["lossless"] == {"checked": 3, "mismatches": 0}  # greedy assisted generation is lossless too

@@ -51,6 +51,7 @@ class DraftLMDrafter:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None  # null: every linear projection of the decoder layers
     save_merged: bool = True  # LoRA: save merged full weights (true) or the adapters only (false)
+    draft_vocab: int | None = None  # record the N most frequent training tokens: drafting over them (FR-Spec)
     losses: dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})  # name -> weight
     temperature: float = 1.0  # of teacher and student in the divergences
     jsd_beta: float = 0.5  # the teacher's weight in JSD(beta)
@@ -70,6 +71,8 @@ class DraftLMDrafter:
         _check(all(w >= 0 for w in self.losses.values()) and any(w > 0 for w in self.losses.values()),
                "drafter.losses", self.losses, "weights must be >= 0, at least one > 0")
         _check(self.temperature > 0, "drafter.temperature", self.temperature, "must be > 0")
+        _check(self.draft_vocab is None or self.draft_vocab >= 1, "drafter.draft_vocab", self.draft_vocab,
+               "must be >= 1 or null (the full vocabulary)")
         _check(0 < self.jsd_beta < 1, "drafter.jsd_beta", self.jsd_beta, "must be strictly between 0 and 1")
 
 
@@ -172,6 +175,7 @@ class EvalConfig:
     draft_k: int = 4  # draft LMs: tokens drafted per step (start value when adaptive)
     adaptive_k: bool = True
     compare_hf: bool = False  # draft LMs: also time transformers' assisted generation with the same draft
+    full_draft_vocab: bool = False  # draft LMs: ignore a recorded frequent-token draft vocabulary
 
     def __post_init__(self):
         _check(self.max_tree_nodes >= 1, "eval.max_tree_nodes", self.max_tree_nodes, "must be >= 1")

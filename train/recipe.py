@@ -202,7 +202,8 @@ class Recipe:
         report = evaluate_drafter(self.target, self.tokenizer, drafter, e.questions, max_new_tokens=e.max_new_tokens,
                                   temperature=e.temperature, per_category=e.per_category, limit=e.limit,
                                   check_lossless=e.check_lossless, tree=e.tree, max_tree_nodes=e.max_tree_nodes,
-                                  draft_k=e.draft_k, adaptive_k=e.adaptive_k, compare_hf=e.compare_hf)
+                                  draft_k=e.draft_k, adaptive_k=e.adaptive_k, full_draft_vocab=e.full_draft_vocab,
+                                  compare_hf=e.compare_hf)
         tmp = self.out / ".eval.json.tmp"
         write_report(report, str(tmp))
         tmp.replace(self.out / "eval.json")
