@@ -31,8 +31,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from data.conversations import Conversation, load_conversations
 from data.embedded import resolve_data
-from inference.target import stop_tokens
-from inference.target import load_target, target_forward
+from inference.packing import packed_linears
+from inference.target import load_target, stop_tokens, target_forward
 
 
 @dataclass
@@ -227,7 +227,7 @@ def regenerate(target: str, source: str, output: str, max_new_tokens: int = 256,
     result = RegenerateResult(0, sum(c.id in done for c in conversations), 0, 0.0, partial)
     start = time.perf_counter()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "ab") as f:
+    with open(out_path, "ab") as f, packed_linears(model):  # CPU: a batch of rows costs little more than one
         for b in range(0, len(conversations), batch_size):
             batch = conversations[b:b + batch_size]  # fixed slices: a resumed batch is padded exactly as before
             if all(c.id in done for c in batch):

@@ -224,29 +224,3 @@ def load_draft_lm(path: str | Path, target: PreTrainedModel | None = None, train
     if target is not None:
         check_draft_vocab(config, target.config)
     return model.train() if trainable else model.eval()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Frequency-ranked draft vocabulary (FR-Spec)
-# ---------------------------------------------------------------------------------------------------------------
-
-def frequent_tokens(token_rows, vocab_size: int, n: int) -> list[int]:
-    """The n most frequent token ids in `token_rows` (an iterable of 1D id tensors), sorted by id. FR-Spec (Zhao
-    et al., 2025) drafts over such a set to shrink the draft's LM head; draftsmith records it in the draft's config
-    (`draftsmith.draft_vocab`) and its proposer drafts over it."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for ids in token_rows:
-        counts += torch.bincount(ids.reshape(-1).long(), minlength=vocab_size)[:vocab_size]
-    if counts.sum() == 0:
-        raise ValueError("no tokens to count: the draft vocabulary needs training data")
-    return counts.topk(min(n, vocab_size)).indices.sort().values.tolist()
-
-
-def token_coverage(vocab: list[int], token_rows) -> float:
-    """Share of the tokens in `token_rows` (1D id tensors) that lie in `vocab`."""
-    vocab = torch.tensor(vocab)
-    hit = total = 0
-    for ids in token_rows:
-        hit += int(torch.isin(ids.reshape(-1), vocab).sum())
-        total += ids.numel()
-    return hit / max(total, 1)

@@ -131,6 +131,14 @@ class MedusaModel(PreTrainedModel):
             raise RuntimeError("this drafter shares the target's LM head: call attach_target(target) first")
         return self._target_lm_head[0](state)
 
+    def head_weight(self, k: int) -> torch.Tensor:
+        """The [V, H] LM-head matrix head k projects with (its own, or the borrowed target head's)."""
+        if self.lm_heads is not None:
+            return self.lm_heads[k].weight
+        if not self._target_lm_head:
+            raise RuntimeError("this drafter shares the target's LM head: call attach_target(target) first")
+        return self._target_lm_head[0].weight
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [B, T, H] -> logits [K, B, T, V]; logits[k, :, t] predicts x_{t+k+2}."""
         return torch.stack([self.head_logits(k, s) for k, s in enumerate(self.head_states(hidden_states))])

@@ -32,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from data.questions import load_questions
 from drafters import MedusaModel, load_drafter
 from drafters.draft_lm import check_draft_vocab
+from drafters.vocab import get_draft_vocab
 
 from .calibrate import NODE_COUNTS, choose_tree, proposer_seconds, verify_latency
 from .draft_lm_proposer import DraftLMProposer
@@ -45,12 +46,13 @@ from .target import load_target, stop_tokens
 PRIOR_ACCURACY = [[0.5 * 0.7 ** k * 0.3 ** i for i in range(4)] for k in range(8)]
 
 
-def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, max_nodes: int):
+def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, max_nodes: int,
+                    draft_vocab: list[int] | None = None):
     """tree: 'auto' (calibrated on this device), 'chain' (top-1 of every head) or a JSON list of rank paths."""
     if tree != "auto":
         paths = [(0,) * d for d in range(1, drafter.config.num_heads + 1)] if tree == "chain" else \
             [tuple(p) for p in json.loads(tree)]
-        proposer = MedusaProposer(drafter, paths)
+        proposer = MedusaProposer(drafter, paths, draft_vocab)
         return proposer, {"nodes": len(proposer.paths) + 1, "paths": [list(p) for p in proposer.paths]}
     accuracy = drafter.config.head_topk_accuracy
     if not accuracy:
@@ -59,13 +61,13 @@ def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, ma
         accuracy = PRIOR_ACCURACY[:drafter.config.num_heads]
     latency = verify_latency(target, [n for n in NODE_COUNTS if n <= max_nodes])
     dtype = target.get_output_embeddings().weight.dtype
-    draft = proposer_seconds(lambda paths: MedusaProposer(drafter, paths), drafter.config.hidden_size, dtype,
-                             target.device)
+    draft = proposer_seconds(lambda paths: MedusaProposer(drafter, paths, draft_vocab), drafter.config.hidden_size,
+                             dtype, target.device)
     choice = choose_tree(accuracy, latency, draft)
     calibration = {"verify_seconds": {str(n): s for n, s in latency.items()}, "candidates": choice.table,
                    "nodes": len(choice.paths) + 1, "paths": [list(p) for p in choice.paths],
                    "expected_tau": choice.expected_tau, "predicted_speedup": choice.predicted_speedup}
-    return MedusaProposer(drafter, choice.paths), calibration
+    return MedusaProposer(drafter, choice.paths, draft_vocab), calibration
 
 
 def drafter_kind(drafter) -> str:
@@ -82,9 +84,10 @@ def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_t
                   generator: torch.Generator | None = None):
     """The drafter's proposer and a description of its setup (the calibrated tree for Medusa; k and the draft
     vocabulary for draft LMs: the frequent-token set recorded at training, unless full_draft_vocab)."""
+    vocab = None if full_draft_vocab else get_draft_vocab(drafter.config)
     if drafter_kind(drafter) == "medusa":
-        return medusa_proposer(drafter, target, tree, max_tree_nodes)
-    vocab = None if full_draft_vocab else (getattr(drafter.config, "draftsmith", None) or {}).get("draft_vocab")
+        proposer, setup = medusa_proposer(drafter, target, tree, max_tree_nodes, vocab)
+        return proposer, {**setup, "draft_vocab": len(vocab) if vocab else "full"}
     proposer = DraftLMProposer(drafter, k=draft_k, adaptive=adaptive_k, k_max=max(8, draft_k),
                                temperature=temperature, generator=generator, draft_vocab=vocab)
     return proposer, {"k": draft_k, "adaptive": adaptive_k, "k_max": proposer.k_max,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from drafters.medusa import MedusaModel
 
@@ -12,7 +13,7 @@ class MedusaProposer:
     """Medusa tree drafting: node path (r_1, ..., r_d) carries the rank-r_d token of head d-1, read from the
     target's last hidden state h_t; the root is x_{t+1}, the target's own choice."""
 
-    def __init__(self, drafter: MedusaModel, paths: list[tuple[int, ...]]):
+    def __init__(self, drafter: MedusaModel, paths: list[tuple[int, ...]], draft_vocab: list[int] | None = None):
         if not paths:
             raise ValueError("a Medusa tree needs at least one non-root node")
         too_deep = [p for p in paths if len(p) > drafter.config.num_heads]
@@ -32,6 +33,20 @@ class MedusaProposer:
         self.depth = max(len(p) for p in paths)
         self.topk = [1 + max((p[d] for p in paths if len(p) > d), default=0) for d in range(self.depth)]
         self.hidden: torch.Tensor | None = None  # [H], the target's hidden state that chose the root
+        # FR-Spec (drafters/vocab.py): rank candidates among the frequent tokens only, with those rows of each
+        # head's LM head ([N, H] instead of [V, H]); shared-head drafters share one matrix.
+        self.vocab = None if draft_vocab is None else torch.tensor(sorted(set(draft_vocab)))
+        self.sub_heads: list[torch.Tensor] = []
+        if self.vocab is not None:
+            if self.vocab.min() < 0 or self.vocab.max() >= drafter.config.vocab_size:
+                raise ValueError(f"draft_vocab must be token ids in [0, {drafter.config.vocab_size})")
+            rows: dict[int, torch.Tensor] = {}
+            for k in range(self.depth):
+                weight = drafter.head_weight(k)
+                if id(weight) not in rows:
+                    self.vocab = self.vocab.to(weight.device)
+                    rows[id(weight)] = weight.detach()[self.vocab].contiguous()
+                self.sub_heads.append(rows[id(weight)])
 
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
         self.hidden = hidden_states[-1]
@@ -39,7 +54,11 @@ class MedusaProposer:
     @torch.no_grad()
     def propose(self, root: int) -> TokenTree:
         states = self.drafter.head_states(self.hidden)[:self.depth]       # depth x [H]
-        top = [self.drafter.head_logits(d, s).topk(k).indices for d, (s, k) in enumerate(zip(states, self.topk))]
+        if self.vocab is None:
+            top = [self.drafter.head_logits(d, s).topk(k).indices for d, (s, k) in enumerate(zip(states, self.topk))]
+        else:
+            top = [self.vocab[F.linear(s, self.sub_heads[d]).topk(k).indices]
+                   for d, (s, k) in enumerate(zip(states, self.topk))]
         tokens = [root] + [top[len(p) - 1][p[-1]].item() for p in self.paths]
         return TokenTree(torch.tensor(tokens), self.parents)
 

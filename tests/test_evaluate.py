@@ -81,3 +81,26 @@ def test_prompt_at_multi_turn_boundary_is_lossless(saved):
     proposer = MedusaProposer(drafter, [(0,), (1,), (0, 0), (0, 0, 0)])
     result = speculative_generate(target, proposer, torch.tensor(prompt), 32, stop_tokens(target, tok))
     assert result.tokens == reference
+
+
+def test_vocab_cli_adds_a_frequent_token_set_that_the_evaluation_uses(saved, tmp_path):
+    import shutil
+
+    from drafters.vocab import get_draft_vocab, main as vocab_main
+    from tiny_assets import write_conversations
+
+    drafter_dir = tmp_path / "drafter"
+    shutil.copytree(saved["drafter"], drafter_dir)
+    data = write_conversations(tmp_path / "chats.jsonl", n=40)
+    vocab_main(["--drafter", str(drafter_dir), "--target", saved["target"], "--data", data, "--size", "50",
+                "--holdout", "4"])
+    target, _ = load_target(saved["target"])
+    drafter = load_drafter(str(drafter_dir), target)
+    vocab = get_draft_vocab(drafter.config)
+    assert len(vocab) == 50 == len(set(vocab)) and vocab == sorted(vocab)
+    assert 0.5 < drafter.config.draftsmith["draft_vocab_heldout_coverage"] <= 1
+    out = tmp_path / "eval.json"
+    main(["--target", saved["target"], "--drafter", str(drafter_dir), "--questions", saved["questions"],
+          "--output", str(out), "--max-new-tokens", "16", "--check-lossless", "--tree", "chain"])
+    report = json.loads(out.read_text())
+    assert report["setup"]["proposer"]["draft_vocab"] == 50 and report["lossless"]["mismatches"] == 0

@@ -80,6 +80,27 @@ def test_medusa_tree_verification_is_lossless(tiny_target, prompt):
     assert sum(result.accept_lengths) > 0  # some drafted tokens were accepted, so compaction was exercised
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_medusa_frequent_token_vocab_is_lossless_and_drafts_inside_it(tiny_target, share):
+    drafter = MedusaModel.from_target(tiny_target, num_heads=3, share_lm_head=share)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in drafter.blocks.parameters():
+            p.normal_(0, 0.05)
+    drafter.attach_target(tiny_target)
+    vocab = list(range(1, 256, 3))
+    paths = grow_tree([[0.6, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.1, 0.1]], max_nodes=10)
+    proposer = MedusaProposer(drafter, paths, draft_vocab=vocab)
+    result = speculative_generate(tiny_target, proposer, torch.tensor(PROMPTS[0]), 40, EOS)
+    assert result.tokens == hf_greedy(tiny_target, PROMPTS[0], 40)
+    proposer.begin(torch.tensor(PROMPTS[0]), torch.randn(1, 64))
+    tree = proposer.propose(5)
+    assert set(tree.tokens[1:].tolist()) <= set(vocab)
+    sub = torch.tensor(vocab)
+    best = sub[drafter.head_logits(0, drafter.head_states(proposer.hidden)[0])[sub].argmax()]
+    assert tree.tokens[proposer.paths.index((0,)) + 1] == best  # node (0,): head 0's best frequent token
+
+
 def test_max_new_tokens_and_eos_cut_exactly(tiny_target):
     prompt = PROMPTS[0]
     reference = hf_greedy(tiny_target, prompt, 7)

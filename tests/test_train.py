@@ -175,7 +175,7 @@ def test_auto_resume_takes_newest_complete_checkpoint(tmp_path):
     ["training.zero_stage=1", "training.grad_accum=2"],
     ["training.zero_stage=2", "training.precision=bf16"],
     ["training.zero_stage=3"],
-    ["drafter.share_lm_head=true", "training.labels=data"],
+    ["drafter.share_lm_head=true", "training.labels=data", "drafter.draft_vocab=100"],
 ], ids=["zero0-wandb", "zero1-accum2", "zero2-bf16", "zero3", "shared-head-data-labels"])
 def test_training_moves_every_drafter_parameter_and_no_target_parameter(assets, tmp_path, monkeypatch, overrides):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -193,6 +193,8 @@ def test_training_moves_every_drafter_parameter_and_no_target_parameter(assets, 
     assert trained.keys() == dict(initial.named_parameters()).keys()
     for name, p in initial.named_parameters():
         assert not torch.equal(p, trained[name]), f"drafter parameter {name} did not change"
+    if cfg.drafter.draft_vocab:
+        assert len(saved.config.draftsmith["draft_vocab"]) == 100
     accuracy = saved.config.head_topk_accuracy
     assert len(accuracy) == 3 and all(len(row) == 10 and 0 <= sum(row) <= 1 + 1e-9 for row in accuracy)
 

@@ -32,10 +32,13 @@ class MedusaDrafter:
     num_heads: int = 4
     num_layers: int = 1  # residual blocks per head
     share_lm_head: bool = False  # True: every head reuses the target's frozen LM head (only the blocks train)
+    draft_vocab: int | None = None  # record the N most frequent training tokens: drafting over them (FR-Spec)
 
     def __post_init__(self):
         _check(self.num_heads >= 1, "drafter.num_heads", self.num_heads, "must be >= 1")
         _check(self.num_layers >= 1, "drafter.num_layers", self.num_layers, "must be >= 1")
+        _check(self.draft_vocab is None or self.draft_vocab >= 1, "drafter.draft_vocab", self.draft_vocab,
+               "must be >= 1 or null (the full vocabulary)")
 
 
 @dataclass

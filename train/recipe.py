@@ -25,6 +25,7 @@ from train import trainer  # first: it sets DS_ACCELERATOR before anything impor
 from data.batching import collate, length_bucketed_batches, padding_fraction  # noqa: E402
 from data.embedded import resolve_data  # noqa: E402
 from data.tokenize import build_token_dataset  # noqa: E402
+from drafters.vocab import frequent_tokens, set_draft_vocab, token_coverage  # noqa: E402
 from inference.target import load_target  # noqa: E402
 from train.config import ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
 
@@ -128,6 +129,18 @@ class Recipe:
         lengths = [self.lengths[i] for i in self.holdout]
         for b in length_bucketed_batches(lengths, c.max_tokens, 0, 0, c.max_batch_size):
             yield self.batch([self.holdout[j] for j in b])
+
+    def record_draft_vocab(self, config, n: int) -> None:
+        """FR-Spec: the n most frequent tokens of the training conversations (all their tokens) into
+        config.draftsmith, with the share of the held-out assistant tokens they cover."""
+        rows = self.ds.select(range(len(self.train_lengths)))["input_ids"]
+        vocab = frequent_tokens((torch.tensor(r) for r in rows), self.target.config.get_text_config().vocab_size, n)
+        held = self.ds.select(self.holdout)
+        coverage = token_coverage(vocab, (torch.tensor(i)[torch.tensor(m, dtype=torch.bool)]
+                                          for i, m in zip(held["input_ids"], held["loss_mask"])))
+        set_draft_vocab(config, vocab, coverage)
+        self._print(f"draft vocabulary: the {len(vocab):,} most frequent training tokens cover {coverage:.1%} of "
+                    f"the held-out assistant tokens")
 
     # --- train -------------------------------------------------------------------------------------------------
 

@@ -18,10 +18,7 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from train import recipe  # noqa: E402  (first: it sets DS_ACCELERATOR before anything imports deepspeed)
-import torch  # noqa: E402
-
-from drafters.draft_lm import (DRAFT_LM_KIND, add_lora, build_draft_lm, frequent_tokens, load_draft_lm,  # noqa: E402
-                               save_draft, token_coverage)
+from drafters.draft_lm import DRAFT_LM_KIND, add_lora, build_draft_lm, load_draft_lm, save_draft  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.objectives import DraftLMObjective, draft_agreement, unwrap  # noqa: E402
 
@@ -64,25 +61,13 @@ class DraftLMRecipe(recipe.Recipe):
         draft.load_state_dict(state)
         draft = draft.to(device=self.d.device, dtype=self.target.dtype).eval()
         if dc.draft_vocab:
-            self._record_draft_vocab(unwrap(draft).config, dc.draft_vocab)
+            self.record_draft_vocab(unwrap(draft).config, dc.draft_vocab)
         if self.holdout:
             agreement = draft_agreement(draft, self.target, self.holdout_batches())
             unwrap(draft).config.draftsmith = {**unwrap(draft).config.draftsmith, "heldout_agreement": agreement}
             self._print(f"held-out greedy agreement with the target ({len(self.holdout)} conversations): "
                         f"{agreement:.3f}")
         return draft
-
-    def _record_draft_vocab(self, config, n: int) -> None:
-        """The n most frequent tokens of the training conversations (all of their tokens), and the share of the
-        held-out assistant tokens they cover, into config.draftsmith."""
-        rows = self.ds.select(range(len(self.train_lengths)))["input_ids"]
-        vocab = frequent_tokens((torch.tensor(r) for r in rows), self.target.config.vocab_size, n)
-        held = self.ds.select(self.holdout)
-        coverage = token_coverage(vocab, (torch.tensor(i)[torch.tensor(m, dtype=torch.bool)]
-                                          for i, m in zip(held["input_ids"], held["loss_mask"])))
-        config.draftsmith = {**config.draftsmith, "draft_vocab": vocab, "draft_vocab_heldout_coverage": coverage}
-        self._print(f"draft vocabulary: the {len(vocab):,} most frequent training tokens cover {coverage:.1%} of "
-                    f"the held-out assistant tokens")
 
     def save_drafter(self, drafter, path: Path) -> None:
         dc = self.cfg.drafter

@@ -42,6 +42,8 @@ class MedusaRecipe(recipe.Recipe):
         drafter.load_state_dict(state)
         drafter = drafter.to(device=self.d.device, dtype=self.target.dtype).eval()
         drafter.attach_target(self.target)
+        if self.cfg.drafter.draft_vocab:
+            self.record_draft_vocab(drafter.config, self.cfg.drafter.draft_vocab)
         if self.holdout:
             drafter.config.head_topk_accuracy = head_topk_accuracy(drafter, self.target, self.holdout_batches(), TOPK)
             top1 = ", ".join(f"{row[0]:.3f}" for row in drafter.config.head_topk_accuracy)
