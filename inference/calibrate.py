@@ -97,6 +97,24 @@ def proposer_seconds(make_proposer, hidden_size: int, dtype: torch.dtype, device
     return seconds
 
 
+@torch.no_grad()
+def draft_cost_ratio(target: PreTrainedModel, proposer, context_len: int = 256, repeats: int = 5) -> dict:
+    """c = seconds of one draft-LM step (a 1-token forward and its next-token logits, as when drafting) over
+    seconds of one target decode step, both on a context_len-token cache: the cost side of speculative decoding
+    (Leviathan et al.'s c)."""
+    vocab = target.config.get_text_config().vocab_size
+    context = torch.randint(vocab, (context_len,), generator=torch.Generator().manual_seed(0)).to(target.device)
+    proposer.begin(context, None)
+    proposer.propose(0)  # fills the draft cache with the context
+
+    def draft_step():
+        proposer.draft_forward([1])
+        proposer.cache.crop(-1)
+    draft = _median_seconds(draft_step, repeats)
+    target_step = verify_latency(target, (1,), context_len, repeats)[1]
+    return {"draft_step_ms": draft * 1e3, "target_step_ms": target_step * 1e3, "cost_ratio": draft / target_step}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the target's verify latency per node count, with torch's default and oneDNN-packed linear layers."""
     import argparse

@@ -73,7 +73,7 @@ class DraftLMProposer:
         return vocab, weight.detach()[vocab].contiguous()
 
     @torch.no_grad()
-    def _forward(self, tokens: list[int]) -> torch.Tensor:
+    def draft_forward(self, tokens: list[int]) -> torch.Tensor:
         """Append `tokens` to the draft cache; returns the draft's logits after the last one: [V], or [N] over
         the draft vocabulary."""
         device = self.draft.get_input_embeddings().weight.device
@@ -110,7 +110,7 @@ class DraftLMProposer:
         if self.cache is None:
             raise RuntimeError("DraftLMProposer.propose called before begin(input_ids, hidden_states)")
         self.tail = [root]
-        logits = self._forward(self.pending + [root])                   # [V]
+        logits = self.draft_forward(self.pending + [root])                   # [V]
         self.pending = []
         drafts, probs = [], []
         for i in range(self.k):
@@ -119,7 +119,7 @@ class DraftLMProposer:
             if q is not None:
                 probs.append(q)
             if i < self.k - 1:  # the last draft token is not fed: its logits would be unused
-                logits = self._forward(drafts[-1:])
+                logits = self.draft_forward(drafts[-1:])
                 self.tail.append(drafts[-1])
         return TokenTree.chain(torch.tensor([root] + drafts), torch.stack(probs) if probs else None)
 

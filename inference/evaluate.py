@@ -34,7 +34,7 @@ from drafters import MedusaModel, load_drafter
 from drafters.draft_lm import check_draft_vocab
 from drafters.vocab import get_draft_vocab
 
-from .calibrate import NODE_COUNTS, choose_tree, proposer_seconds, verify_latency
+from .calibrate import NODE_COUNTS, choose_tree, draft_cost_ratio, proposer_seconds, verify_latency
 from .draft_lm_proposer import DraftLMProposer
 from .metrics import Tally
 from .packing import packed_linears
@@ -90,8 +90,9 @@ def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_t
         return proposer, {**setup, "draft_vocab": len(vocab) if vocab else "full"}
     proposer = DraftLMProposer(drafter, k=draft_k, adaptive=adaptive_k, k_max=max(8, draft_k),
                                temperature=temperature, generator=generator, draft_vocab=vocab)
+    cost = draft_cost_ratio(target, proposer)
     return proposer, {"k": draft_k, "adaptive": adaptive_k, "k_max": proposer.k_max,
-                      "draft_vocab": len(vocab) if vocab else "full"}
+                      "draft_vocab": len(vocab) if vocab else "full", **cost}
 
 
 class ForwardCounter:

@@ -49,7 +49,7 @@ def test_draft_lm_section_is_typed_and_checked():
 def test_main_config_is_the_readme_job():
     cfg = load_config(str(CONFIGS[0].parent / "medusa_smollm2.yaml"))
     assert (cfg.target, cfg.data.train, cfg.eval.questions) == ("smollm2-135m-instruct", "sharegpt", "mt-bench")
-    assert cfg.drafter == MedusaDrafter(num_heads=4, num_layers=1, share_lm_head=True)
+    assert cfg.drafter == MedusaDrafter(num_heads=4, num_layers=1, share_lm_head=True, draft_vocab=8192)
 
 
 def test_overrides_are_coerced_to_field_types():

@@ -76,6 +76,8 @@ def test_training_moves_draft_layers_only_and_evaluates_against_hf(assets, tmp_p
     assert report["setup"]["drafter_kind"] == "draft_lm" and report["setup"]["proposer"]["k"] == 3
     assert report["setup"]["proposer"]["draft_vocab"] == 200 == len(saved.config.draftsmith["draft_vocab"])
     assert 0.5 < saved.config.draftsmith["draft_vocab_heldout_coverage"] <= 1
+    cost = report["setup"]["proposer"]
+    assert cost["cost_ratio"] == pytest.approx(cost["draft_step_ms"] / cost["target_step_ms"]) and cost["cost_ratio"] > 0
     assert report["lossless"] == {"checked": 3, "mismatches": 0}  # 2 questions, one with two turns
     hf = report["hf_assisted"]
     assert hf["lossless"] == {"checked": 3, "mismatches": 0}  # greedy assisted generation is lossless too
