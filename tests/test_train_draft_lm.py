@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "draft_lm_tiny.yaml")
 
 
-def test_draft_objective_equals_direct_computation(tiny_target):
+@pytest.mark.parametrize("positions", ["assistant", "all"])
+def test_draft_objective_equals_direct_computation(tiny_target, positions):
     target = tiny_target.double()
     draft = build_draft_lm(target, num_layers=1).double()
     with torch.no_grad():
@@ -32,14 +33,15 @@ def test_draft_objective_equals_direct_computation(tiny_target):
     attention_mask[1, 9:] = 0
     loss_mask = torch.zeros_like(ids)
     loss_mask[0, 4:12] = loss_mask[1, 2:6] = 1
-    objective = DraftLMObjective(draft, target, {"forward_kl": 1.0, "tvd": 0.5, "ce": 0.25}, temperature=2.0)
+    objective = DraftLMObjective(draft, target, {"forward_kl": 1.0, "tvd": 0.5, "ce": 0.25}, temperature=2.0,
+                                 positions=positions)
     loss, stats = objective(ids, attention_mask, loss_mask)
 
     terms, hits = [], 0
     p_all, q_all = target(ids, attention_mask=attention_mask).logits, draft(ids, attention_mask=attention_mask).logits
     for b in range(2):
         for t in range(11):
-            if loss_mask[b, t + 1] and attention_mask[b, t + 1]:
+            if (loss_mask[b, t + 1] or positions == "all") and attention_mask[b, t + 1]:
                 lp, lq = F.log_softmax(p_all[b, t] / 2, -1)[None], F.log_softmax(q_all[b, t] / 2, -1)[None]
                 ce = -F.log_softmax(q_all[b, t], -1)[ids[b, t + 1]]
                 terms.append(forward_kl(lp, lq)[0] + 0.5 * total_variation(lp, lq)[0] + 0.25 * ce)

@@ -58,6 +58,7 @@ class DraftLMDrafter:
     losses: dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})  # name -> weight
     temperature: float = 1.0  # of teacher and student in the divergences
     jsd_beta: float = 0.5  # the teacher's weight in JSD(beta)
+    positions: Literal["assistant", "all"] = "assistant"  # where the draft is distilled (next token's kind)
 
     def __post_init__(self):
         from train.losses import LOSS_NAMES

@@ -157,17 +157,22 @@ def head_topk_accuracy(drafter: MedusaModel, target: nn.Module, batches: Iterabl
 
 class DraftLMObjective(nn.Module):
     """Distillation of a draft LM from the target (DistillSpec, Zhou et al., 2024): at every position t whose next
-    token x_{t+1} is a supervised assistant token, the draft's next-token distribution q(. | x_{<=t}) is pulled
-    towards the target's p(. | x_{<=t}) by the configured mix of divergences (train/losses.py); 'ce' uses the data
-    token x_{t+1} as label (on self-distilled data: the target's own text). Logits exist only at those positions.
+    token x_{t+1} is a supervised assistant token (positions="assistant"), or any real token (positions="all": the
+    teacher's distribution is a valid target after prompt tokens too, 4x the signal on chat data), the draft's
+    next-token distribution q(. | x_{<=t}) is pulled towards the target's p(. | x_{<=t}) by the configured mix of
+    divergences (train/losses.py); 'ce' uses the data token x_{t+1} as label (on self-distilled data: the target's
+    own text). Logits exist only at those positions.
     stats: one row, (loss sum, positions where the draft's argmax is the target's, positions)."""
 
     def __init__(self, drafter: nn.Module, target: nn.Module, weights: dict[str, float], temperature: float = 1.0,
-                 jsd_beta: float = 0.5):
+                 jsd_beta: float = 0.5, positions: str = "assistant"):
         super().__init__()
+        if positions not in ("assistant", "all"):
+            raise ValueError(f"positions={positions!r}: use 'assistant' (next token is an assistant token) or 'all'")
         self.drafter = drafter  # a causal LM, or a peft model around one
         self._target = [target]
         self.weights, self.temperature, self.jsd_beta = dict(weights), temperature, jsd_beta
+        self.positions = positions
 
     @property
     def target(self) -> nn.Module:
@@ -176,7 +181,8 @@ class DraftLMObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         needed = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, T]: positions whose next token is supervised
-        needed[:, :-1] = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+        wanted = attention_mask[:, 1:].bool() if self.positions == "all" else loss_mask[:, 1:].bool()
+        needed[:, :-1] = wanted & attention_mask[:, 1:].bool()
         labels = input_ids[:, 1:][needed[:, :-1]]  # [M] the data's next tokens
         with torch.no_grad():
             hidden = target_forward(self.target, input_ids, attention_mask, logits_at=0, use_cache=False

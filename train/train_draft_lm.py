@@ -37,7 +37,7 @@ class DraftLMRecipe(recipe.Recipe):
         trainable = sum(p.numel() for p in draft.parameters() if p.requires_grad)
         total = sum(p.numel() for p in draft.parameters())
         self._print(f"draft LM: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained")
-        return DraftLMObjective(draft, self.target, dc.losses, dc.temperature, dc.jsd_beta)
+        return DraftLMObjective(draft, self.target, dc.losses, dc.temperature, dc.jsd_beta, dc.positions)
 
     def _new_draft(self):
         """The untrained draft in fp32: built from the target, or loaded (vocabulary checked) with provenance."""
