@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+
 def frequent_tokens(token_rows, vocab_size: int, n: int) -> list[int]:
     """The n most frequent token ids in `token_rows` (an iterable of 1D id tensors), sorted by id. FR-Spec (Zhao
     et al., 2025) drafts over such a set to shrink the draft's LM head; draftsmith records it in the draft's config
@@ -37,14 +38,35 @@ def token_coverage(vocab: list[int], token_rows) -> float:
     return hit / max(total, 1)
 
 
+def draftsmith_meta(config) -> dict:
+    """What draftsmith records in a drafter's config (`config.draftsmith`): target, draft vocabulary, ..."""
+    return getattr(config, "draftsmith", None) or {}
+
+
 def get_draft_vocab(config) -> list[int] | None:
     """The frequent-token draft vocabulary recorded in a drafter's config, or None (the full vocabulary)."""
-    return (getattr(config, "draftsmith", None) or {}).get("draft_vocab")
+    return draftsmith_meta(config).get("draft_vocab")
 
 
-def set_draft_vocab(config, vocab: list[int], coverage: float) -> None:
-    config.draftsmith = {**(getattr(config, "draftsmith", None) or {}), "draft_vocab": vocab,
-                         "draft_vocab_heldout_coverage": coverage}
+def draft_vocab_entry(ds, num_train: int, holdout: list[int], vocab_size: int, size: int) -> dict:
+    """From a token dataset (input_ids, loss_mask rows): the `size` most frequent tokens of its first num_train
+    conversations (all their tokens), and the share of the held-out conversations' assistant tokens they cover,
+    as the entries to merge into `config.draftsmith`."""
+    vocab = frequent_tokens((torch.tensor(r) for r in ds.select(range(num_train))["input_ids"]), vocab_size, size)
+    held = ds.select(holdout)
+    coverage = token_coverage(vocab, (torch.tensor(i)[torch.tensor(m, dtype=torch.bool)]
+                                      for i, m in zip(held["input_ids"], held["loss_mask"])))
+    return {"draft_vocab": vocab, "draft_vocab_heldout_coverage": coverage}
+
+
+def draft_head_rows(weight: torch.Tensor, draft_vocab: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sorted draft vocabulary [N], the LM-head rows of those tokens [N, H]) from a head weight [V, H]."""
+    vocab = torch.tensor(sorted(set(draft_vocab)), device=weight.device)
+    if len(vocab) == 0 or vocab[0] < 0 or vocab[-1] >= weight.shape[0]:
+        raise ValueError(f"draft_vocab must be token ids in [0, {weight.shape[0]}); got {len(vocab)} ids "
+                         f"from {vocab.min().item() if len(vocab) else None} to "
+                         f"{vocab.max().item() if len(vocab) else None}")
+    return vocab, weight.detach()[vocab].contiguous()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,19 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     n = len(ds) - args.holdout
     if n < 1:
         p.error(f"{args.data}: {len(ds)} conversations leave none for counting after --holdout {args.holdout}")
-    vocab = frequent_tokens((torch.tensor(r) for r in ds.select(range(n))["input_ids"]),
-                            target.config.get_text_config().vocab_size, args.size)
-    held = ds.select(range(n, len(ds)))
-    coverage = token_coverage(vocab, (torch.tensor(i)[torch.tensor(m, dtype=torch.bool)]
-                                      for i, m in zip(held["input_ids"], held["loss_mask"])))
+    entry = draft_vocab_entry(ds, n, list(range(n, len(ds))), target.config.get_text_config().vocab_size, args.size)
     config = json.loads(config_path.read_text())
-    config["draftsmith"] = {**config.get("draftsmith", {}), "draft_vocab": vocab,
-                            "draft_vocab_heldout_coverage": coverage}
+    config["draftsmith"] = {**config.get("draftsmith", {}), **entry}
     tmp = config_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(config_path)
-    print(f"{args.drafter}: draft vocabulary of {len(vocab):,} tokens, covering {coverage:.1%} of the held-out "
-          f"assistant tokens")
+    print(f"{args.drafter}: draft vocabulary of {len(entry['draft_vocab']):,} tokens, covering "
+          f"{entry['draft_vocab_heldout_coverage']:.1%} of the held-out assistant tokens")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel
 
+from drafters.vocab import draft_head_rows
+
 from .speculative import sample
 from .target import target_forward
 from .tree import TokenTree
@@ -52,6 +54,7 @@ class DraftLMProposer:
         self.k, self.adaptive, self.k_min, self.k_max = k, adaptive, k_min, k_max
         self.temperature, self.generator = temperature, generator
         self.vocab, self.head = self._draft_head(draft_vocab)
+        self.vocab_size = self.draft.get_output_embeddings().weight.shape[0]
         self.cache: DynamicCache | None = None
         self.tail: list[int] = []
         self.pending: list[int] = []
@@ -62,15 +65,9 @@ class DraftLMProposer:
         28M of 135M parameters). Verification is unchanged, so decoding stays lossless; q is 0 outside the set."""
         if draft_vocab is None:
             return None, None
-        weight = self.draft.get_output_embeddings().weight
-        vocab = torch.tensor(sorted(set(draft_vocab)), device=weight.device)
-        if len(vocab) == 0 or vocab[0] < 0 or vocab[-1] >= weight.shape[0]:
-            raise ValueError(f"draft_vocab must be token ids in [0, {weight.shape[0]}); got {len(vocab)} ids "
-                             f"from {vocab.min().item() if len(vocab) else None} to "
-                             f"{vocab.max().item() if len(vocab) else None}")
         if getattr(self.draft.config, "final_logit_softcapping", None) is not None:
             raise ValueError("draft_vocab is not supported for drafts with final-logit soft-capping")
-        return vocab, weight.detach()[vocab].contiguous()
+        return draft_head_rows(self.draft.get_output_embeddings().weight, draft_vocab)
 
     @torch.no_grad()
     def draft_forward(self, tokens: list[int]) -> torch.Tensor:
@@ -95,7 +92,7 @@ class DraftLMProposer:
         i = int(sample(q, self.generator))
         if self.vocab is None:
             return i, q
-        full = torch.zeros(self.draft.get_output_embeddings().weight.shape[0], device=q.device)
+        full = torch.zeros(self.vocab_size, device=q.device)
         return int(self.vocab[i]), full.scatter_(0, self.vocab, q)
 
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:

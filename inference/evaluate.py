@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from data.questions import load_questions
 from drafters import MedusaModel, load_drafter
 from drafters.draft_lm import check_draft_vocab
-from drafters.vocab import get_draft_vocab
+from drafters.vocab import draftsmith_meta, get_draft_vocab
 
 from .calibrate import NODE_COUNTS, choose_tree, draft_cost_ratio, proposer_seconds, verify_latency
 from .draft_lm_proposer import DraftLMProposer
@@ -251,7 +251,7 @@ def _drafter_target(drafter) -> str | None:
     """The target a drafter was trained for, as recorded in its config."""
     if drafter_kind(drafter) == "medusa":
         return drafter.config.target_name_or_path
-    return (getattr(drafter.config, "draftsmith", None) or {}).get("target_name_or_path")
+    return draftsmith_meta(drafter.config).get("target_name_or_path")
 
 
 def format_table(report: dict) -> str:

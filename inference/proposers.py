@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from drafters.medusa import MedusaModel
+from drafters.vocab import draft_head_rows
 
 from .tree import TokenTree
 
@@ -35,17 +36,14 @@ class MedusaProposer:
         self.hidden: torch.Tensor | None = None  # [H], the target's hidden state that chose the root
         # FR-Spec (drafters/vocab.py): rank candidates among the frequent tokens only, with those rows of each
         # head's LM head ([N, H] instead of [V, H]); shared-head drafters share one matrix.
-        self.vocab = None if draft_vocab is None else torch.tensor(sorted(set(draft_vocab)))
+        self.vocab: torch.Tensor | None = None
         self.sub_heads: list[torch.Tensor] = []
-        if self.vocab is not None:
-            if self.vocab.min() < 0 or self.vocab.max() >= drafter.config.vocab_size:
-                raise ValueError(f"draft_vocab must be token ids in [0, {drafter.config.vocab_size})")
+        if draft_vocab is not None:
             rows: dict[int, torch.Tensor] = {}
             for k in range(self.depth):
                 weight = drafter.head_weight(k)
                 if id(weight) not in rows:
-                    self.vocab = self.vocab.to(weight.device)
-                    rows[id(weight)] = weight.detach()[self.vocab].contiguous()
+                    self.vocab, rows[id(weight)] = draft_head_rows(weight, draft_vocab)
                 self.sub_heads.append(rows[id(weight)])
 
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:

@@ -38,6 +38,16 @@ def supervised_mask(loss_mask: torch.Tensor, attention_mask: torch.Tensor, num_h
     return valid
 
 
+def next_token_supervised(loss_mask: torch.Tensor, attention_mask: torch.Tensor, all_positions: bool = False
+                          ) -> torch.Tensor:
+    """[B, T] bool: positions t whose next token x_{t+1} is supervised (an assistant token, or with all_positions
+    any real token)."""
+    wanted = attention_mask[:, 1:].bool() if all_positions else loss_mask[:, 1:].bool()
+    needed = torch.zeros_like(loss_mask, dtype=torch.bool)
+    needed[:, :-1] = wanted & attention_mask[:, 1:].bool()
+    return needed
+
+
 @torch.no_grad()
 def greedy_next_tokens(target: nn.Module, hidden: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
     """The target's greedy next token where `needed` [B, T] is set, IGNORE elsewhere -> [B, T].
@@ -63,9 +73,8 @@ def medusa_labels(target: nn.Module, hidden: torch.Tensor, input_ids: torch.Tens
     if labels == "data":
         source, shift = input_ids, 2  # x_{t+k+2}
     elif labels == "target":
-        needed = torch.zeros_like(valid[0])  # greedy tokens at t+k+1 for every supervised (k, t) = positions p
-        needed[:, :-1] = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # whose next token is supervised
-        source, shift = greedy_next_tokens(target, hidden, needed), 1
+        # greedy tokens at t+k+1 for every supervised (k, t) = the positions whose next token is supervised
+        source, shift = greedy_next_tokens(target, hidden, next_token_supervised(loss_mask, attention_mask)), 1
     else:
         raise ValueError(f"labels={labels!r}: use 'target' (the target's greedy tokens) or 'data'")
     for k in range(num_heads):
@@ -180,9 +189,7 @@ class DraftLMObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, T]: positions whose next token is supervised
-        wanted = attention_mask[:, 1:].bool() if self.positions == "all" else loss_mask[:, 1:].bool()
-        needed[:, :-1] = wanted & attention_mask[:, 1:].bool()
+        needed = next_token_supervised(loss_mask, attention_mask, self.positions == "all")  # [B, T]
         labels = input_ids[:, 1:][needed[:, :-1]]  # [M] the data's next tokens
         with torch.no_grad():
             hidden = target_forward(self.target, input_ids, attention_mask, logits_at=0, use_cache=False
@@ -209,8 +216,7 @@ def draft_agreement(draft: nn.Module, target: nn.Module, batches: Iterable[dict]
     hits = count = 0
     for batch in batches:
         ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        needed = torch.zeros_like(lm, dtype=torch.bool)
-        needed[:, :-1] = lm[:, 1:].bool() & am[:, 1:].bool()
+        needed = next_token_supervised(lm, am)
         t = lm_logits(target, target_forward(target, ids, am, logits_at=0, use_cache=False).hidden_states[needed])
         d = lm_logits(unwrap(draft), target_forward(unwrap(draft), ids, am, logits_at=0, use_cache=False
                                                     ).hidden_states[needed])

@@ -25,7 +25,7 @@ from train import trainer  # first: it sets DS_ACCELERATOR before anything impor
 from data.batching import collate, length_bucketed_batches, padding_fraction  # noqa: E402
 from data.embedded import resolve_data  # noqa: E402
 from data.tokenize import build_token_dataset  # noqa: E402
-from drafters.vocab import frequent_tokens, set_draft_vocab, token_coverage  # noqa: E402
+from drafters.vocab import draft_vocab_entry, draftsmith_meta  # noqa: E402
 from inference.target import load_target  # noqa: E402
 from train.config import ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
 
@@ -131,16 +131,13 @@ class Recipe:
             yield self.batch([self.holdout[j] for j in b])
 
     def record_draft_vocab(self, config, n: int) -> None:
-        """FR-Spec: the n most frequent tokens of the training conversations (all their tokens) into
-        config.draftsmith, with the share of the held-out assistant tokens they cover."""
-        rows = self.ds.select(range(len(self.train_lengths)))["input_ids"]
-        vocab = frequent_tokens((torch.tensor(r) for r in rows), self.target.config.get_text_config().vocab_size, n)
-        held = self.ds.select(self.holdout)
-        coverage = token_coverage(vocab, (torch.tensor(i)[torch.tensor(m, dtype=torch.bool)]
-                                          for i, m in zip(held["input_ids"], held["loss_mask"])))
-        set_draft_vocab(config, vocab, coverage)
-        self._print(f"draft vocabulary: the {len(vocab):,} most frequent training tokens cover {coverage:.1%} of "
-                    f"the held-out assistant tokens")
+        """FR-Spec: the n most frequent tokens of the training conversations into config.draftsmith, with the share
+        of the held-out assistant tokens they cover."""
+        entry = draft_vocab_entry(self.ds, len(self.train_lengths), self.holdout,
+                                  self.target.config.get_text_config().vocab_size, n)
+        config.draftsmith = {**draftsmith_meta(config), **entry}
+        self._print(f"draft vocabulary: the {len(entry['draft_vocab']):,} most frequent training tokens cover "
+                    f"{entry['draft_vocab_heldout_coverage']:.1%} of the held-out assistant tokens")
 
     # --- train -------------------------------------------------------------------------------------------------
 
