@@ -3,9 +3,10 @@ and the longest path the target agrees with is kept (its KV entries compacted, t
 
 At temperature 0, greedy verification is lossless: the output is token for token the target's own greedy output.
 At temperature > 0 there are two rules:
-  - speculative sampling (Leviathan et al. 2023, Chen et al. 2023) for chains sampled from a draft whose
-    distributions q come with the tree (`TokenTree.draft_probs`): lossless in distribution;
-  - typical acceptance (Medusa, Cai et al. 2024, sec. 3.3.1) for everything else (Medusa trees): LOSSY, it
+  - speculative sampling (Leviathan et al. 2023, Chen et al. 2023; recursive rejection sampling over siblings for
+    trees, SpecInfer / EAGLE), the default: lossless in distribution, for sampled drafts whose distributions q
+    come with the tree (`TokenTree.draft_probs`) and for deterministic (top-k) drafts alike;
+  - typical acceptance (Medusa, Cai et al. 2024, sec. 3.3.1), on request (`Acceptance(typical=True)`): LOSSY, it
     accepts any candidate the target finds "typical enough", so the output distribution is not the target's.
 
 Batch size 1 throughout (as in Spec-Bench); shapes below drop the batch dimension where it is always 1.
@@ -25,10 +26,12 @@ from .tree import TokenTree, tree_attention_mask
 
 
 class Proposer(Protocol):
-    """What every drafter kind implements to take part in verification."""
+    """What every drafter kind implements to take part in verification. `hidden_states` below are the target's
+    last hidden states [.., H], or, when the proposer has a `feature_layers` list (EAGLE-3), the concatenated
+    outputs of those decoder layers [.., len * H]."""
 
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        """A new sequence: input_ids [T] the prompt, hidden_states [T, H] the target's last hidden states."""
+        """A new sequence: input_ids [T] the prompt, hidden_states [T, H] the target's features for it."""
 
     def propose(self, root: int) -> TokenTree:
         """Candidate continuations after `root`, the token the target chose last (not yet in its KV cache)."""
@@ -47,10 +50,11 @@ class GenerationResult:
 
 @dataclass
 class Acceptance:
-    """How candidates are accepted. temperature 0: greedy (lossless). temperature > 0: speculative sampling for
-    sampled chains (lossless), else typical acceptance (lossy) with Medusa's defaults epsilon
-    (posterior_threshold) 0.09 and delta (posterior_alpha) 0.3."""
+    """How candidates are accepted. temperature 0: greedy (lossless). temperature > 0: speculative sampling over
+    the tree (lossless in distribution), or with typical=True Medusa's typical acceptance (lossy) with its
+    defaults epsilon (posterior_threshold) 0.09 and delta (posterior_alpha) 0.3."""
     temperature: float = 0.0
+    typical: bool = False
     epsilon: float = 0.09
     delta: float = 0.3
 
@@ -85,28 +89,40 @@ def _accepted_nodes(tree: TokenTree, logits: torch.Tensor, acceptance: Acceptanc
     return accepted
 
 
-def speculative_sampling(tokens: torch.Tensor, draft_probs: torch.Tensor, logits: torch.Tensor, temperature: float,
+def speculative_sampling(tree: TokenTree, logits: torch.Tensor, temperature: float,
                          generator: torch.Generator | None) -> tuple[int, int]:
-    """Leviathan et al. 2023, Algorithm 1, on a chain. tokens [k + 1] (root first), draft_probs [k, V] (q_i, the
-    draft distribution token i was sampled from), logits [k + 1, V] (the target's after each node; p_i = softmax of
-    row i - 1 at `temperature`). Accept token i with probability min(1, p_i(x_i) / q_i(x_i)); at the first
-    rejection sample from norm(max(0, p_i - q_i)); if all k are accepted, sample the bonus token from p_{k+1}.
-    Returns (number of drafted tokens accepted, the next token)."""
-    p = torch.softmax(logits.float() / temperature, dim=-1)                       # [k + 1, V]
-    q = draft_probs.to(p)                                                         # [k, V]
-    k = q.shape[0]
-    drafted = tokens[1:].to(p.device)                                             # [k]
-    rows = torch.arange(k, device=p.device)
-    ratio = p[rows, drafted] / q[rows, drafted].clamp_min(1e-20)                  # [k]
-    u = torch.rand(k, generator=generator, device=generator.device if generator is not None else "cpu").to(p)
-    rejected = (u >= ratio).nonzero()
-    if len(rejected) == 0:
-        return k, int(sample(p[k], generator))
-    i = int(rejected[0])
-    residual = (p[i] - q[i]).clamp_min(0)
-    if residual.sum() <= 0:  # p_i == q_i up to rounding: a rejection had probability ~0; p_i is the right law
-        residual = p[i]
-    return i, int(sample(residual / residual.sum(), generator))
+    """Lossless speculative sampling over a token tree: Leviathan et al. 2023 (Algorithm 1) on a chain, and its
+    recursive rejection sampling over siblings (SpecInfer, Miao et al. 2024; EAGLE) on trees.
+
+    logits [N, V]: the target's logits after each node; p_n = softmax(logits[n] / temperature). Starting at the
+    root, the children c of the current node are tried in order: c (token x) is accepted with probability
+    min(1, p(x) / q(x)), where q is the distribution c was drawn from (`tree.draft_probs[c - 1]`) or, for
+    deterministic drafts (top-k, no draft_probs), the point mass on x, so the probability is p(x). On acceptance the
+    walk descends into c; on rejection p <- norm(max(0, p - q)) (for a point mass: p with x removed) and the next
+    sibling is tried. When no child is accepted, the next token is drawn from the current p. Each emitted token is
+    then distributed exactly as the target's own sample. Returns (the last accepted node, the next token)."""
+    p_all = torch.softmax(logits.float() / temperature, dim=-1)                    # [N, V]
+    children: list[list[int]] = [[] for _ in range(len(tree))]
+    for i, parent in enumerate(tree.parents[1:], start=1):
+        children[parent].append(i)
+    device = generator.device if generator is not None else "cpu"
+    node = 0
+    while True:
+        p = p_all[node]                                                              # [V]
+        for c in children[node]:
+            x = int(tree.tokens[c])
+            q = None if tree.draft_probs is None else tree.draft_probs[c - 1].to(p)   # [V] or a point mass
+            ratio = p[x] if q is None else p[x] / q[x].clamp_min(1e-20)
+            if float(torch.rand((), generator=generator, device=device)) < float(ratio):
+                node = c
+                break
+            residual = p.clone() if q is None else (p - q).clamp_min(0)
+            if q is None:
+                residual[x] = 0
+            if residual.sum() > 0:  # else p == q up to rounding: a rejection had probability ~0; keep p
+                p = residual / residual.sum()
+        else:
+            return node, int(sample(p, generator))
 
 
 def keep_cache_entries(cache: DynamicCache, prefix_len: int, keep: torch.Tensor) -> None:
@@ -153,8 +169,9 @@ def speculative_generate(target: PreTrainedModel, proposer: Proposer, input_ids:
     """Draft -> verify in one forward -> keep the longest accepted path (+ the target's bonus token)."""
     start = time.perf_counter()
     cache = DynamicCache(config=target.config)
-    out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1)
-    proposer.begin(input_ids, out.hidden_states[0])
+    layers = getattr(proposer, "feature_layers", None)
+    out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1, feature_layers=layers)
+    proposer.begin(input_ids, (out.features if layers else out.hidden_states)[0])
     result = GenerationResult([], forwards=1)
     root = _choose(out.logits[0], acceptance, generator).tolist()
     done = _finish(root, result.tokens, max_new_tokens, eos)
@@ -167,12 +184,12 @@ def speculative_generate(target: PreTrainedModel, proposer: Proposer, input_ids:
         out = target_forward(
             target, tree.tokens[None], past_key_values=cache, position_ids=(prefix_len + depths)[None],
             attention_mask=tree_attention_mask(tree, prefix_len, out.hidden_states.dtype).to(device),
+            feature_layers=layers,
         )
         result.forwards += 1
         logits = out.logits[0]                                              # [N, V]
-        if acceptance.temperature > 0 and tree.draft_probs is not None:   # a sampled chain: node i at depth i
-            best, bonus = speculative_sampling(tree.tokens, tree.draft_probs, logits, acceptance.temperature,
-                                               generator)
+        if acceptance.temperature > 0 and not acceptance.typical:
+            best, bonus = speculative_sampling(tree, logits, acceptance.temperature, generator)
             bonus = [bonus]
         else:
             accepted = _accepted_nodes(tree, logits, acceptance)
@@ -180,7 +197,7 @@ def speculative_generate(target: PreTrainedModel, proposer: Proposer, input_ids:
             bonus = _choose(logits[best:best + 1], acceptance, generator).tolist()
         path = torch.tensor(tree.path_to(best), device=device)             # [n], root first
         keep_cache_entries(cache, prefix_len, path)
-        proposer.update(tree.tokens[path], out.hidden_states[0, path])
+        proposer.update(tree.tokens[path], (out.features if layers else out.hidden_states)[0, path])
         result.accept_lengths.append(len(path) - 1)
         done = _finish(tree.tokens[path[1:]].tolist() + bonus, result.tokens, max_new_tokens, eos)
     result.seconds = time.perf_counter() - start

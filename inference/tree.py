@@ -16,16 +16,14 @@ import torch
 class TokenTree:
     tokens: torch.Tensor   # [N] long, tokens[0] = root
     parents: list[int]     # [N], parents[0] = -1, parents[i] < i
-    # [N - 1, V] for a chain SAMPLED from a draft: row i - 1 is the distribution q_i that node i was drawn from
-    # (enables lossless speculative sampling); None for greedy / top-k drafts.
+    # [N - 1, V] for drafts SAMPLED from a draft model: row i - 1 is the distribution node i was drawn from
+    # (siblings drawn from one distribution repeat its row); None for deterministic (greedy / top-k) drafts.
     draft_probs: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(self.parents) if i > 0):
             raise ValueError(f"not a topologically ordered tree: parents={self.parents}")
         if self.draft_probs is not None:
-            if not self.is_chain():
-                raise ValueError("draft_probs (speculative sampling) are supported for chains only")
             if self.draft_probs.dim() != 2 or self.draft_probs.shape[0] != len(self) - 1:
                 raise ValueError(f"draft_probs must be [N - 1, V] = [{len(self) - 1}, V], got "
                                  f"{tuple(self.draft_probs.shape)}")

@@ -139,5 +139,5 @@ def test_typical_acceptance_runs_and_respects_budget(tiny_target):
     drafter = perturbed_medusa(tiny_target)
     gen = torch.Generator().manual_seed(0)
     result = speculative_generate(tiny_target, MedusaProposer(drafter, grow_tree([[0.5, 0.3]] * 3, 6)),
-                                  torch.tensor(PROMPTS[0]), 30, set(), Acceptance(temperature=0.7), gen)
+                                  torch.tensor(PROMPTS[0]), 30, set(), Acceptance(temperature=0.7, typical=True), gen)
     assert len(result.tokens) == 30 and result.forwards == 1 + len(result.accept_lengths)
