@@ -7,9 +7,10 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .draft_lm import load_draft_lm
+from .eagle import EagleConfig, EagleModel
 from .medusa import MedusaConfig, MedusaModel
 
-DRAFTER_KINDS: dict[str, type[PreTrainedModel]] = {"medusa": MedusaModel}
+DRAFTER_KINDS: dict[str, type[PreTrainedModel]] = {"medusa": MedusaModel, "eagle": EagleModel}
 
 for _model_cls in DRAFTER_KINDS.values():
     AutoConfig.register(_model_cls.config_class.model_type, _model_cls.config_class, exist_ok=True)
@@ -17,7 +18,7 @@ for _model_cls in DRAFTER_KINDS.values():
 
 
 def load_drafter(path: str, target: PreTrainedModel | None = None, **kwargs) -> PreTrainedModel:
-    """Load a saved drafter: Medusa heads, or a draft LM (full weights or LoRA adapters). With `target`, check
+    """Load a saved drafter: Medusa heads, an EAGLE drafter, or a draft LM (full weights or LoRA adapters). With `target`, check
     that it fits (hidden size / vocabulary) and attach it."""
     folder = Path(path) if Path(path).is_dir() else _download(path)
     if (folder / "adapter_config.json").is_file():

@@ -92,6 +92,7 @@ class TargetOutput:
     hidden_states: torch.Tensor  # [B, T, H] last hidden state after the final norm (= the LM head's input)
     logits: torch.Tensor | None  # [B, T', V] at the positions chosen by logits_at; None when logits_at == 0
     past_key_values: Cache | None  # the updated cache (None when the model ran without one)
+    features: torch.Tensor | None = None  # [B, T, len(feature_layers) * H] outputs of the requested layers
 
 
 def target_forward(
@@ -102,6 +103,7 @@ def target_forward(
     past_key_values: Cache | None = None,
     logits_at: int | torch.Tensor | None = None,
     use_cache: bool | None = None,
+    feature_layers: list[int] | None = None,
 ) -> TargetOutput:
     """One forward pass of the target that returns hidden states and logits only where asked.
 
@@ -110,20 +112,42 @@ def target_forward(
     logits_at: None -> logits at all T positions; int k >= 1 -> the last k positions; 0 -> no logits;
     a 1D index/bool tensor over T -> the same positions in every row; a 2D [B, K] index tensor -> per-row positions.
     use_cache: None -> the model's default (config.use_cache).
+    feature_layers: decoder layers whose outputs are returned as `features` [B, T, len * H] (EAGLE-3), read
+    through forward hooks.
     """
     base = getattr(target, target.base_model_prefix)
     cache_kwarg = _cache_kwarg_name(base)
-    out = base(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=use_cache,
-        **{cache_kwarg: past_key_values},
-    )
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [_capture_output(base, i, captured) for i in feature_layers or []]
+    try:
+        out = base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{cache_kwarg: past_key_values},
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
     hidden = out.last_hidden_state  # [B, T, H]
     selected = _select_positions(hidden, logits_at)  # [B, T', H] or None
     logits = None if selected is None else lm_logits(target, selected)
-    return TargetOutput(hidden_states=hidden, logits=logits, past_key_values=_output_cache(out))
+    features = torch.cat([captured[i] for i in feature_layers], dim=-1) if feature_layers else None
+    return TargetOutput(hidden_states=hidden, logits=logits, past_key_values=_output_cache(out), features=features)
+
+
+def _capture_output(base: torch.nn.Module, index: int, into: dict[int, torch.Tensor]):
+    """A hook that stores the output hidden states [B, T, H] of decoder layer `index` in `into[index]`."""
+    layers = getattr(base, "layers", None)
+    if layers is None or not 0 <= index < len(layers):
+        n = "no" if layers is None else len(layers)
+        raise ValueError(f"feature layer {index} does not exist: {type(base).__name__} has {n} decoder layers")
+
+    def hook(module, args, output):
+        into[index] = output[0] if isinstance(output, tuple) else output
+
+    return layers[index].register_forward_hook(hook)
 
 
 def _select_positions(hidden: torch.Tensor, logits_at: int | torch.Tensor | None) -> torch.Tensor | None:

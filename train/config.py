@@ -80,8 +80,36 @@ class DraftLMDrafter:
         _check(0 < self.jsd_beta < 1, "drafter.jsd_beta", self.jsd_beta, "must be strictly between 0 and 1")
 
 
-# drafter.kind -> the dataclass of that kind's `drafter` section. EAGLE registers here.
-DRAFTER_KINDS: dict[str, type] = {"medusa": MedusaDrafter, "draft_lm": DraftLMDrafter}
+@dataclass
+class EagleDrafter:
+    kind: Literal["eagle"] = "eagle"
+    version: Literal[1, 3] = 3
+    feature_layers: list[int] | None = None  # EAGLE-3: target layers whose outputs are fused; null: [2, L/2, L-3]
+    draft_vocab: int | None = None  # EAGLE-3: its LM head covers the N most frequent training tokens (null: all);
+    # EAGLE-1: the N most frequent tokens are recorded and drafted over with those rows of the target's head (FR-Spec)
+    ttt_steps: int = 7  # EAGLE-3: training-time-test steps unrolled per position
+    step_decay: float = 0.8  # EAGLE-3: step i's loss weighs step_decay**i
+    cls_weight: float = 0.1  # EAGLE-1: weight of the token (classification) loss
+    reg_weight: float = 1.0  # EAGLE-1: weight of the feature regression (SmoothL1) loss
+    feature_noise: float = 0.0  # EAGLE-1: uniform noise U(-a, a) on the input features during training
+    features: str | None = None  # offline mode: a feature cache written by `python -m data.features`
+
+    def __post_init__(self):
+        _check(self.feature_layers is None or len(self.feature_layers) >= 1, "drafter.feature_layers",
+               self.feature_layers, "must list at least one target layer, or be null (EAGLE-3's default)")
+        _check(self.version == 3 or self.feature_layers is None, "drafter.feature_layers", self.feature_layers,
+               "is for EAGLE-3 (drafter.version=3); EAGLE-1 reads the target's last hidden state")
+        _check(self.draft_vocab is None or self.draft_vocab >= 1, "drafter.draft_vocab", self.draft_vocab,
+               "must be >= 1 or null (the full vocabulary)")
+        _check(self.ttt_steps >= 1, "drafter.ttt_steps", self.ttt_steps, "must be >= 1")
+        _check(self.step_decay > 0, "drafter.step_decay", self.step_decay, "must be > 0")
+        _check(self.cls_weight >= 0 and self.reg_weight >= 0 and self.cls_weight + self.reg_weight > 0,
+               "drafter.cls_weight/reg_weight", (self.cls_weight, self.reg_weight), "must be >= 0, not both 0")
+        _check(self.feature_noise >= 0, "drafter.feature_noise", self.feature_noise, "must be >= 0")
+
+
+# drafter.kind -> the dataclass of that kind's `drafter` section.
+DRAFTER_KINDS: dict[str, type] = {"medusa": MedusaDrafter, "draft_lm": DraftLMDrafter, "eagle": EagleDrafter}
 
 
 @dataclass
@@ -174,8 +202,11 @@ class EvalConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0
     check_lossless: bool = False
-    tree: str = "auto"  # auto: sized from measured head accuracy and this machine's latency | chain | JSON paths
-    max_tree_nodes: int = 64
+    tree: str = "auto"  # Medusa: auto (sized from head accuracy and this machine's latency) | chain | JSON paths;
+    # EAGLE: auto (dynamic, node count from this machine's verify latency) | dynamic | chain | JSON rank paths
+    max_tree_nodes: int = 64  # EAGLE dynamic trees: the nodes verified (best by draft confidence)
+    tree_depth: int = 5  # EAGLE: draft steps per proposal (dynamic tree / static tree limit / chain length)
+    tree_topk: int = 4  # EAGLE dynamic trees: nodes expanded per depth, and children per expanded node
     draft_k: int = 4  # draft LMs: tokens drafted per step (start value when adaptive)
     adaptive_k: bool = True
     compare_hf: bool = False  # draft LMs: also time transformers' assisted generation with the same draft
@@ -183,6 +214,8 @@ class EvalConfig:
 
     def __post_init__(self):
         _check(self.max_tree_nodes >= 1, "eval.max_tree_nodes", self.max_tree_nodes, "must be >= 1")
+        _check(self.tree_depth >= 1, "eval.tree_depth", self.tree_depth, "must be >= 1")
+        _check(self.tree_topk >= 1, "eval.tree_topk", self.tree_topk, "must be >= 1")
         _check(self.draft_k >= 1, "eval.draft_k", self.draft_k, "must be >= 1")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
         _check(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0")
@@ -198,7 +231,7 @@ class PushConfig:
 class TrainConfig:
     target: str  # embedded name (smollm2-135m-instruct), checkpoint directory or Hub id
     output_dir: str  # drafter/, eval.json, metrics.jsonl, checkpoints/ end up here
-    drafter: MedusaDrafter | DraftLMDrafter = field(default_factory=MedusaDrafter)
+    drafter: MedusaDrafter | DraftLMDrafter | EagleDrafter = field(default_factory=MedusaDrafter)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

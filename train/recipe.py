@@ -130,11 +130,15 @@ class Recipe:
         for b in length_bucketed_batches(lengths, c.max_tokens, 0, 0, c.max_batch_size):
             yield self.batch([self.holdout[j] for j in b])
 
+    def draft_vocab(self, n: int) -> dict:
+        """FR-Spec / EAGLE-3: the n most frequent tokens of the training conversations (`draft_vocab`), with the share
+        of the held-out assistant tokens they cover (`draft_vocab_heldout_coverage`)."""
+        return draft_vocab_entry(self.ds, len(self.train_lengths), self.holdout,
+                                 self.target.config.get_text_config().vocab_size, n)
+
     def record_draft_vocab(self, config, n: int) -> None:
-        """FR-Spec: the n most frequent tokens of the training conversations into config.draftsmith, with the share
-        of the held-out assistant tokens they cover."""
-        entry = draft_vocab_entry(self.ds, len(self.train_lengths), self.holdout,
-                                  self.target.config.get_text_config().vocab_size, n)
+        """The draft vocabulary (see draft_vocab) into config.draftsmith."""
+        entry = self.draft_vocab(n)
         config.draftsmith = {**draftsmith_meta(config), **entry}
         self._print(f"draft vocabulary: the {len(entry['draft_vocab']):,} most frequent training tokens cover "
                     f"{entry['draft_vocab_heldout_coverage']:.1%} of the held-out assistant tokens")
@@ -213,7 +217,7 @@ class Recipe:
                                   temperature=e.temperature, per_category=e.per_category, limit=e.limit,
                                   check_lossless=e.check_lossless, tree=e.tree, max_tree_nodes=e.max_tree_nodes,
                                   draft_k=e.draft_k, adaptive_k=e.adaptive_k, full_draft_vocab=e.full_draft_vocab,
-                                  compare_hf=e.compare_hf)
+                                  compare_hf=e.compare_hf, tree_depth=e.tree_depth, tree_topk=e.tree_topk)
         tmp = self.out / ".eval.json.tmp"
         write_report(report, str(tmp))
         tmp.replace(self.out / "eval.json")
@@ -256,16 +260,16 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[TrainConfig, i
     return load_config(args.config, args.overrides), args.local_rank
 
 
-def main(recipe_cls: type[Recipe], kind: str, argv: list[str] | None, description: str) -> TrainResult:
-    """The entry scripts' main: parse, check the config's drafter kind, run."""
+def main(recipes: dict[str, type[Recipe]], argv: list[str] | None, description: str) -> TrainResult:
+    """The entry scripts' main: parse, pick the recipe of the config's drafter kind, run."""
     try:
         cfg, local_rank = parse_args(argv, description)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    if cfg.drafter.kind != kind:
-        sys.exit(f"config error: drafter.kind is {cfg.drafter.kind!r}, but this script trains {kind!r} drafters; "
-                 f"use {SCRIPTS.get(cfg.drafter.kind, 'the script for that kind')}")
-    return run(recipe_cls, cfg, local_rank)
+    if cfg.drafter.kind not in recipes:
+        sys.exit(f"config error: drafter.kind is {cfg.drafter.kind!r}, but this script trains "
+                 f"{' / '.join(recipes)} drafters; use {SCRIPTS.get(cfg.drafter.kind, 'the script for that kind')}")
+    return run(recipes[cfg.drafter.kind], cfg, local_rank)
 
 
-SCRIPTS = {"medusa": "train/train_heads.py", "draft_lm": "train/train_draft_lm.py"}
+SCRIPTS = {"medusa": "train/train_heads.py", "eagle": "train/train_heads.py", "draft_lm": "train/train_draft_lm.py"}

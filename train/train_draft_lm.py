@@ -81,7 +81,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> recipe.TrainResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    recipe.main(DraftLMRecipe, "draft_lm", argv, __doc__)
+    recipe.main({"draft_lm": DraftLMRecipe}, argv, __doc__)
 
 
 if __name__ == "__main__":

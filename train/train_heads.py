@@ -1,6 +1,7 @@
-"""Train Medusa heads on a frozen target.
+"""Train Medusa heads or an EAGLE drafter (drafter.kind: medusa | eagle) on a frozen target.
 
     deepspeed train/train_heads.py --config configs/medusa_smollm2.yaml [key=value ...]
+    deepspeed train/train_heads.py --config configs/eagle3_smollm2.yaml
     torchrun --nproc_per_node 2 train/train_heads.py --config configs/medusa_tiny.yaml output_dir=/tmp/run
     python train/train_heads.py --config configs/medusa_tiny.yaml training.lr=3e-4      # one process
 
@@ -14,12 +15,15 @@ import copy
 import sys
 from pathlib import Path
 
+import torch
+
 if __package__ in (None, ""):  # run as a script: import the repository's packages, not train/'s modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from train import recipe  # noqa: E402  (first: it sets DS_ACCELERATOR before anything imports deepspeed)
-from drafters import MedusaModel  # noqa: E402
+from drafters import EagleModel, MedusaModel  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
+from train.eagle_objective import Eagle1Objective, Eagle3Objective  # noqa: E402
 from train.objectives import MedusaObjective, head_topk_accuracy  # noqa: E402
 
 TOPK = 10  # per-head accuracy is measured for ranks 0..TOPK-1
@@ -54,9 +58,98 @@ class MedusaRecipe(recipe.Recipe):
         drafter.save_pretrained(path)
 
 
+class EagleRecipe(recipe.Recipe):
+    """Online (the target runs inside every step), or offline with drafter.features: a feature cache written by
+    `python -m data.features` for this config (checked against it) replaces the target's forward."""
+
+    def _setup_data(self) -> None:
+        super()._setup_data()
+        self.features = None
+        dc, c = self.cfg.drafter, self.cfg.data
+        if dc.features:
+            from data.embedded import resolve_data
+            from data.features import FeatureCache, feature_layers_of, manifest_for
+
+            expected = manifest_for(self.target, self.tokenizer, resolve_data(c.train), c.max_length, c.limit,
+                                    feature_layers_of(self.cfg, self.target), "any", len(self.ds), 0)
+            self.features = FeatureCache(dc.features, expected)
+            self._print(f"offline mode: target features from {dc.features} "
+                        f"({self.features.manifest['bytes_per_token']:,.0f} bytes per token)")
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The token batch, plus the cached features padded to its length in offline mode."""
+        out = super().batch(indices)
+        if self.features is None:
+            return out
+        B, T = out["input_ids"].shape
+        rows = [self.features.get(i) for i in indices]
+        hidden = torch.zeros(B, T, rows[0][1].shape[-1], dtype=rows[0][1].dtype)
+        for b, (_, h) in enumerate(rows):
+            hidden[b, :len(h)] = h
+        out["hidden"] = hidden.to(self.d.device)
+        if rows[0][0] is not None:
+            feats = torch.zeros(B, T, rows[0][0].shape[-1], dtype=rows[0][0].dtype)
+            for b, (f, _) in enumerate(rows):
+                feats[b, :len(f)] = f
+            out["features"] = feats.to(self.d.device)
+        return out
+
+    @property
+    def num_stats(self) -> int:
+        dc = self.cfg.drafter
+        return dc.ttt_steps if dc.version == 3 else 1
+
+    def build_objective(self) -> Eagle1Objective | Eagle3Objective:
+        dc = self.cfg.drafter
+        vocab = None
+        if dc.version == 3 and dc.draft_vocab:
+            self.vocab_entry = self.draft_vocab(dc.draft_vocab)
+            vocab = self.vocab_entry["draft_vocab"]
+        return self.objective_for(EagleModel.from_target(self.target, dc.version, dc.feature_layers, vocab).float())
+
+    def objective_for(self, drafter: EagleModel) -> Eagle1Objective | Eagle3Objective:
+        dc = self.cfg.drafter
+        if dc.version == 1:
+            return Eagle1Objective(drafter, self.target, dc.cls_weight, dc.reg_weight, dc.feature_noise)
+        return Eagle3Objective(drafter, self.target, dc.ttt_steps, dc.step_decay)
+
+    def inference_drafter(self, state: dict) -> EagleModel:
+        """The trained drafter in the target's dtype, with held-out top-1 accuracy per draft step recorded."""
+        dc = self.cfg.drafter
+        drafter = EagleModel(copy.deepcopy(self.engine.module.drafter.config))
+        drafter.load_state_dict(state)
+        drafter = drafter.to(device=self.d.device, dtype=self.target.dtype).eval()
+        drafter.attach_target(self.target)
+        if dc.version == 1 and dc.draft_vocab:
+            self.record_draft_vocab(drafter.config, dc.draft_vocab)
+        elif dc.version == 3 and dc.draft_vocab:
+            drafter.config.draftsmith = {"draft_vocab_heldout_coverage": self.vocab_entry["draft_vocab_heldout_coverage"]}
+        if self.holdout:
+            drafter.config.step_accuracy = self.heldout_accuracy(drafter)
+            self._print(f"held-out top-1 accuracy per draft step ({len(self.holdout)} conversations): "
+                        + ", ".join(f"{a:.3f}" for a in drafter.config.step_accuracy))
+        return drafter
+
+    @torch.no_grad()
+    def heldout_accuracy(self, drafter: EagleModel) -> list[float]:
+        """Top-1 agreement with the target's greedy token per draft step (EAGLE-3: the training-time-test steps,
+        the drafter reading its own outputs; EAGLE-1: the first step) on the held-out conversations."""
+        objective = self.objective_for(drafter).eval()
+        hits = torch.zeros(self.num_stats, 3, dtype=torch.float64)
+        for batch in self.holdout_batches():
+            hits += objective(**batch)[1]
+        return (hits[:, 1] / hits[:, 2].clamp(min=1)).tolist()
+
+    def save_drafter(self, drafter: EagleModel, path: Path) -> None:
+        drafter.save_pretrained(path)
+
+
+RECIPES = {"medusa": MedusaRecipe, "eagle": EagleRecipe}
+
+
 def run(cfg: TrainConfig, local_rank: int | None = None) -> recipe.TrainResult:
     """Train (or resume) as configured; every rank calls this."""
-    return recipe.run(MedusaRecipe, cfg, local_rank)
+    return recipe.run(RECIPES[cfg.drafter.kind], cfg, local_rank)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
@@ -64,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    recipe.main(MedusaRecipe, "medusa", argv, __doc__)
+    recipe.main(RECIPES, argv, __doc__)
 
 
 if __name__ == "__main__":

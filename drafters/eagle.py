@@ -1,0 +1,255 @@
+"""EAGLE feature drafters: one decoder layer of the target's own architecture that drafts in feature space.
+
+EAGLE-1 (Li et al., 2024, "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty"): the drafter
+reads the pair (f_t, x_{t+1}) -- the target's last hidden state at t (the LM head's input) and the embedding of
+the token after it -- as fc(concat(e_{t+1}, f_t)) (2H -> H, with bias), runs one decoder layer (without its
+input norm) and predicts the next feature f^_{t+1}; the target's frozen LM head turns it into a distribution
+over x_{t+2}. Drafting further feeds f^ back in place of f.
+
+EAGLE-3 (Li et al., 2025, "EAGLE-3: Scaling up Inference Acceleration of Large Language Models via Training-Time
+Test"): the feature is fused from three target layers (low, mid, high) by fc (3H -> H, no bias). The decoder
+layer ("midlayer") normalises the embedding (input_layernorm) and the hidden input (hidden_norm) separately and
+attends over their concatenation (q/k/v take 2H inputs); its output h (before `norm`) is the hidden input of the
+next draft step. Its own LM head covers a draft vocabulary of the N most frequent target tokens: `d2t[i]` is the
+offset of draft id i (target id = i + d2t[i]) and `t2d` marks the target ids that have a draft id.
+
+Both are built from the target's config (the decoder layer, norm and rotary classes of its transformers model
+family), never from a copied modeling file. The target's embedding (and, for EAGLE-1, its LM head) is borrowed
+frozen through `attach_target` and not saved. Pair j (feature of position j, token of position j + 1) sits at
+position id j, in training and decoding alike.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+
+class EagleConfig(PretrainedConfig):
+    model_type = "draftsmith_eagle"
+
+    def __init__(self, eagle_version: int = 3, target_config: dict | None = None,
+                 feature_layers: list[int] | None = None, draft_vocab_size: int | None = None,
+                 target_name_or_path: str | None = None, target_revision: str | None = None,
+                 step_accuracy: list[float] | None = None, **kwargs):
+        """target_config: the target's text config as a dict (the decoder layer is built from it).
+        feature_layers (EAGLE-3): target decoder layers whose OUTPUTS are fused (= transformers'
+        hidden_states[i + 1]). draft_vocab_size (EAGLE-3): rows of its LM head. step_accuracy: held-out top-1
+        accuracy per draft depth, written by training."""
+        self.eagle_version = eagle_version
+        self.target_config = target_config or {}
+        self.feature_layers = feature_layers
+        self.draft_vocab_size = draft_vocab_size
+        self.target_name_or_path = target_name_or_path
+        self.target_revision = target_revision
+        self.step_accuracy = step_accuracy
+        super().__init__(**kwargs)
+
+    @property
+    def hidden(self) -> int:
+        return self.target_config["hidden_size"]
+
+    @property
+    def target_vocab(self) -> int:
+        return self.target_config["vocab_size"]
+
+    def layer_config(self) -> PretrainedConfig:
+        """The target family's config with one layer, attention through torch's SDPA."""
+        tc = {k: v for k, v in self.target_config.items() if k not in ("model_type", "num_hidden_layers")}
+        if tc.get("layer_types"):  # per-layer attention kinds: the drafter's layer is of the first kind
+            tc["layer_types"] = tc["layer_types"][:1]
+        config = AutoConfig.for_model(self.target_config["model_type"], **tc, num_hidden_layers=1)
+        config._attn_implementation = "sdpa"
+        return config
+
+
+def default_feature_layers(num_layers: int) -> list[int]:
+    """EAGLE-3's low/mid/high choice [2, L/2, L-3], clipped into [0, L) for shallow targets, distinct and sorted
+    (serving engines capture each layer once, in layer order)."""
+    return sorted({min(max(i, 0), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3)})
+
+
+def family_classes(config: PretrainedConfig) -> tuple[type, type, type]:
+    """(DecoderLayer, RMSNorm, RotaryEmbedding) classes of the transformers model family of `config`."""
+    module_name = type(config).__module__.replace(".configuration_", ".modeling_")
+    module = importlib.import_module(module_name)
+    found = {}
+    for suffix in ("DecoderLayer", "RMSNorm", "RotaryEmbedding"):
+        names = [n for n in dir(module) if n.endswith(suffix) and not n.startswith("_")]
+        if len(names) != 1:
+            raise ValueError(f"EAGLE drafters need a decoder-only family with one {suffix} class; "
+                             f"{module_name} has {names or 'none'} (model_type {config.model_type!r})")
+        found[suffix] = getattr(module, names[0])
+    return found["DecoderLayer"], found["RMSNorm"], found["RotaryEmbedding"]
+
+
+class EagleModel(PreTrainedModel):
+    config_class = EagleConfig
+    base_model_prefix = "eagle"
+    main_input_name = "input_ids"
+    _no_split_modules = []
+
+    def __init__(self, config: EagleConfig):
+        super().__init__(config)
+        if config.eagle_version not in (1, 3):
+            raise ValueError(f"eagle_version={config.eagle_version}: draftsmith builds EAGLE-1 and EAGLE-3")
+        lc = config.layer_config()
+        layer_cls, norm_cls, rotary_cls = family_classes(lc)
+        H, eps = config.hidden, lc.rms_norm_eps
+        self.midlayer = layer_cls(lc, layer_idx=0)
+        self._rotary = (rotary_cls, lc)  # built on first use on the input's device (its buffers are not saved)
+        self._rope: list[nn.Module] = []
+        if config.eagle_version == 1:
+            self.fc = nn.Linear(2 * H, H, bias=True)
+            self.midlayer.input_layernorm = nn.Identity()  # EAGLE-1 drops the first layer's input norm
+        else:
+            n_feat = len(config.feature_layers or [])
+            if n_feat < 1:
+                raise ValueError("EAGLE-3 needs feature_layers (target layers whose outputs are fused)")
+            self.fc = nn.Linear(n_feat * H, H, bias=False)
+            attn = self.midlayer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj"):  # the layer attends over concat(embedding, hidden): 2H
+                old = getattr(attn, name)
+                setattr(attn, name, nn.Linear(2 * H, old.out_features, bias=old.bias is not None))
+            self.midlayer.hidden_norm = norm_cls(H, eps=eps)
+            self.norm = norm_cls(H, eps=eps)
+            N = config.draft_vocab_size or config.target_vocab
+            self.lm_head = nn.Linear(H, N, bias=False)
+            self.register_buffer("d2t", torch.zeros(N, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(config.target_vocab, dtype=torch.bool))
+        self._target: list[nn.Module] = []  # the frozen target (embedding, LM head): borrowed, never saved
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 1:
+            nn.init.ones_(module.weight)  # RMSNorm
+
+    # --- construction and the target -------------------------------------------------------------------------
+
+    @classmethod
+    def from_target(cls, target: PreTrainedModel, version: int = 3, feature_layers: list[int] | None = None,
+                    draft_vocab: list[int] | None = None, target_name_or_path: str | None = None) -> "EagleModel":
+        """A fresh drafter for `target`. EAGLE-3: feature_layers default to [2, L/2, L-3]; draft_vocab (target ids)
+        defaults to the whole vocabulary; the LM head starts from the target's rows of those tokens."""
+        tc = target.config.get_text_config()
+        L = tc.num_hidden_layers
+        if version == 3:
+            feature_layers = list(feature_layers) if feature_layers else default_feature_layers(L)
+            bad = [i for i in feature_layers if not 0 <= i < L]
+            if bad:
+                raise ValueError(f"feature_layers {bad} are not decoder layers of the target (it has {L}: 0..{L - 1})")
+        elif feature_layers:
+            raise ValueError("EAGLE-1 reads the target's last hidden state; feature_layers are for EAGLE-3")
+        vocab = sorted(set(draft_vocab)) if draft_vocab is not None and version == 3 else None
+        config = EagleConfig(
+            eagle_version=version, target_config=tc.to_dict(), feature_layers=feature_layers if version == 3 else None,
+            draft_vocab_size=(len(vocab) if vocab else tc.vocab_size) if version == 3 else None,
+            target_name_or_path=target_name_or_path or tc._name_or_path or None,
+            target_revision=getattr(tc, "_commit_hash", None),
+        )
+        model = cls(config)
+        head = target.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("the target's LM head has a bias; EAGLE drafters support bias-free LM heads only")
+        if version == 3:
+            model.set_draft_vocab(vocab if vocab else list(range(tc.vocab_size)))
+            with torch.no_grad():
+                model.lm_head.weight.copy_(head.weight[model.draft_ids()])
+        model.attach_target(target)
+        return model.to(device=head.weight.device)
+
+    def check_target(self, target_config: PretrainedConfig) -> None:
+        """Refuse a target of another family, hidden size or vocabulary than the one this drafter was trained on."""
+        tc, mine = target_config.get_text_config(), self.config.target_config
+        problems = [f"{k}: drafter {mine.get(k)}, target {getattr(tc, k, None)}"
+                    for k in ("model_type", "hidden_size", "vocab_size") if mine.get(k) != getattr(tc, k, None)]
+        layers = self.config.feature_layers or []
+        if layers and max(layers) >= tc.num_hidden_layers:
+            problems.append(f"feature_layers {layers} need {max(layers) + 1} layers, target has "
+                            f"{tc.num_hidden_layers}")
+        if problems:
+            raise ValueError(f"EAGLE drafter (trained for target {self.config.target_name_or_path!r}) does not fit "
+                             f"target {tc._name_or_path!r}: {'; '.join(problems)}. Load the target it was trained on.")
+
+    def attach_target(self, target: PreTrainedModel) -> None:
+        """Check compatibility and borrow the target's frozen embedding (and LM head, for EAGLE-1)."""
+        self.check_target(target.config)
+        self._target[:] = [target]
+
+    @property
+    def target(self) -> PreTrainedModel:
+        if not self._target:
+            raise RuntimeError("this EAGLE drafter has no target: call attach_target(target) first")
+        return self._target[0]
+
+    # --- draft vocabulary (EAGLE-3) ---------------------------------------------------------------------------
+
+    def set_draft_vocab(self, target_ids: list[int]) -> None:
+        """d2t / t2d from the sorted target ids of the draft vocabulary (EAGLE-3's offset convention)."""
+        ids = torch.tensor(sorted(set(target_ids)), dtype=torch.long)
+        V = self.config.target_vocab
+        if len(ids) != self.d2t.numel() or ids[0] < 0 or ids[-1] >= V:
+            raise ValueError(f"the draft vocabulary must be {self.d2t.numel()} distinct target ids in [0, {V}), "
+                             f"got {len(ids)} from {int(ids[0])} to {int(ids[-1])}")
+        self.d2t.copy_(ids - torch.arange(len(ids)))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    def draft_ids(self) -> torch.Tensor:
+        """[N] the target id of every draft id (EAGLE-3), or of every target id (EAGLE-1)."""
+        if self.config.eagle_version == 1:
+            return torch.arange(self.config.target_vocab, device=self.fc.weight.device)
+        return torch.arange(len(self.d2t), device=self.d2t.device) + self.d2t
+
+    # --- forward ----------------------------------------------------------------------------------------------
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's features [..., F] -> the first step's hidden input [..., H] (EAGLE-3: fc of the concatenated
+        layers; EAGLE-1: the last hidden state itself)."""
+        features = features.to(self.fc.weight.dtype)
+        return self.fc(features) if self.config.eagle_version == 3 else features
+
+    def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor, cache=None) -> torch.Tensor:
+        """One draft step. input_ids [B, T] (x_{t+1}), hidden_states [B, T, H] (fused feature or the previous
+        step's output at t), position_ids [B, T], attention_mask [B or 1, 1, T, T_cache + T] additive, cache: a
+        transformers Cache holding earlier pairs (appended to). Returns the output [B, T, H]: EAGLE-1's predicted
+        feature f^_{t+1}, EAGLE-3's h (before `norm`)."""
+        embeds = self.target.get_input_embeddings()(input_ids).to(hidden_states.dtype)  # [B, T, H]
+        rope = self.rotary(hidden_states.device)(hidden_states, position_ids)
+        kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, position_embeddings=rope, cache=cache)
+        if self.config.eagle_version == 1:
+            return self.midlayer(self.fc(torch.cat([embeds, hidden_states], dim=-1)), **kwargs)
+        layer = self.midlayer
+        x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden_states)], dim=-1)  # [B, T, 2H]
+        h = hidden_states + layer.self_attn(hidden_states=x, **kwargs)[0]
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def rotary(self, device: torch.device) -> nn.Module:
+        """The family's rotary embedding on `device`, built once: a plain attribute, so from_pretrained's
+        meta-device construction never leaves its inv_freq buffer uninitialised."""
+        if not self._rope or self._rope[0].inv_freq.device != device:
+            cls, config = self._rotary
+            self._rope[:] = [cls(config=config).to(device)]
+        return self._rope[0]
+
+    def head_input(self, out: torch.Tensor) -> torch.Tensor:
+        """A step's output [..., H] -> the LM head's input (EAGLE-3 applies `norm`; EAGLE-1 regresses it)."""
+        return self.norm(out) if self.config.eagle_version == 3 else out
+
+    def head_weight(self) -> torch.Tensor:
+        """[N, H]: EAGLE-3's own head over the draft vocabulary, EAGLE-1's borrowed target head [V, H]."""
+        if self.config.eagle_version == 3:
+            return self.lm_head.weight
+        return self.target.get_output_embeddings().weight
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """A step's output [..., H] -> logits [..., N] over draft ids (EAGLE-1: N = V, draft id = target id)."""
+        return torch.nn.functional.linear(self.head_input(out), self.head_weight().to(out.dtype))
