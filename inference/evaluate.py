@@ -12,8 +12,9 @@ same draft LM), one after the other so that all see the same machine state. The 
 forwards per category and overall (Spec-Bench's tau), and each speedup is the ratio of tokens per second measured
 in the same run on the same prompts.
 
-Medusa drafters verify a token tree sized by calibration on this machine; draft LMs draft a chain of k tokens
-(adaptive by default). The drafter kind is read from the saved folder.
+Medusa drafters verify a token tree sized by calibration on this machine; EAGLE drafters draft EAGLE-2 dynamic trees
+(or a chain / static tree, --tree); draft LMs draft a chain of k tokens (adaptive by default). The drafter kind is
+read from the saved folder.
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data.questions import load_questions
-from drafters import MedusaModel, load_drafter
+from drafters import EagleModel, MedusaModel, load_drafter
 from drafters.draft_lm import check_draft_vocab
 from drafters.vocab import draftsmith_meta, get_draft_vocab
 
 from .calibrate import NODE_COUNTS, choose_tree, draft_cost_ratio, proposer_seconds, verify_latency
 from .draft_lm_proposer import DraftLMProposer
+from .eagle_proposer import EagleProposer
 from .metrics import Tally
 from .packing import packed_linears
 from .proposers import MedusaProposer
@@ -70,10 +72,50 @@ def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, ma
     return MedusaProposer(drafter, choice.paths, draft_vocab), calibration
 
 
+def eagle_proposer(drafter: EagleModel, target: PreTrainedModel, tree: str, max_nodes: int, depth: int, topk: int,
+                   draft_vocab: list[int] | None = None):
+    """tree: 'dynamic' (EAGLE-2, max_nodes nodes), 'auto' (dynamic, node count sized on this machine, see
+    auto_tree_nodes), 'chain' (depth tokens) or JSON rank paths (a static tree)."""
+    setup = {"tree": tree, "depth": depth, "topk": topk}
+    if tree in ("auto", "dynamic"):
+        nodes = max_nodes
+        if tree == "auto":
+            nodes, setup["calibration"] = auto_tree_nodes(drafter, target, max_nodes, depth)
+        proposer = EagleProposer(drafter, "dynamic", depth=depth, topk=topk, nodes=nodes, draft_vocab=draft_vocab)
+        return proposer, {**setup, "nodes": nodes}
+    paths = [(0,) * d for d in range(1, depth + 1)] if tree == "chain" else [tuple(p) for p in json.loads(tree)]
+    proposer = EagleProposer(drafter, "static", paths=paths, draft_vocab=draft_vocab)
+    return proposer, {**setup, "nodes": len(proposer.paths) + 1, "paths": [list(p) for p in proposer.paths]}
+
+
+def auto_tree_nodes(drafter: EagleModel, target: PreTrainedModel, max_nodes: int, depth: int) -> tuple[int, dict]:
+    """The node count n (2..max_nodes) maximising expected tokens per verify second on this machine: expected
+    tokens = 1 + sum_d prod_{i<=d} a_i over the first min(depth, n - 1) draft steps, a_i the held-out top-1
+    accuracy of step i recorded at training (its last value for deeper steps) -- the acceptance of the tree's
+    best chain, a lower bound for the whole tree -- and the verify forward of n nodes timed here."""
+    accuracy = drafter.config.step_accuracy or [0.5]
+    latency = verify_latency(target, [n for n in NODE_COUNTS if 2 <= n <= max(2, max_nodes)])
+
+    def expected_tokens(n: int) -> float:
+        total, p = 1.0, 1.0
+        for d in range(min(depth, n - 1)):
+            p *= accuracy[min(d, len(accuracy) - 1)]
+            total += p
+        return total
+
+    rate = {n: expected_tokens(n) / s for n, s in latency.items()}
+    best = max(rate, key=lambda n: (rate[n], -n))
+    return best, {"verify_seconds": {str(n): s for n, s in latency.items()}, "step_accuracy": accuracy,
+                  "expected_tokens": {str(n): expected_tokens(n) for n in latency}}
+
+
 def drafter_kind(drafter) -> str:
-    """'medusa' for Medusa heads, 'draft_lm' for a causal LM (or LoRA-wrapped one) drafting for the target."""
+    """'medusa' for Medusa heads, 'eagle' for EAGLE drafters, 'draft_lm' for a causal LM (or LoRA-wrapped one)
+    drafting for the target."""
     if isinstance(drafter, MedusaModel):
         return "medusa"
+    if isinstance(drafter, EagleModel):
+        return "eagle"
     if isinstance(drafter, PeftModel) or hasattr(drafter, "generate"):
         return "draft_lm"
     raise TypeError(f"{type(drafter).__name__} is not a drafter draftsmith can evaluate (Medusa heads or a draft LM)")
@@ -81,13 +123,16 @@ def drafter_kind(drafter) -> str:
 
 def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_tree_nodes: int = 64, draft_k: int = 4,
                   adaptive_k: bool = True, full_draft_vocab: bool = False, temperature: float = 0.0,
-                  generator: torch.Generator | None = None):
+                  generator: torch.Generator | None = None, tree_depth: int = 5, tree_topk: int = 4):
     """The drafter's proposer and a description of its setup (the calibrated tree for Medusa; k and the draft
     vocabulary for draft LMs: the frequent-token set recorded at training, unless full_draft_vocab)."""
     vocab = None if full_draft_vocab else get_draft_vocab(drafter.config)
     if drafter_kind(drafter) == "medusa":
         proposer, setup = medusa_proposer(drafter, target, tree, max_tree_nodes, vocab)
         return proposer, {**setup, "draft_vocab": len(vocab) if vocab else "full"}
+    if drafter_kind(drafter) == "eagle":
+        proposer, setup = eagle_proposer(drafter, target, tree, max_tree_nodes, tree_depth, tree_topk, vocab)
+        return proposer, {**setup, "eagle_version": drafter.config.eagle_version, "draft_vocab": len(proposer.ids)}
     proposer = DraftLMProposer(drafter, k=draft_k, adaptive=adaptive_k, k_max=max(8, draft_k),
                                temperature=temperature, generator=generator, draft_vocab=vocab)
     cost = draft_cost_ratio(target, proposer)
@@ -140,7 +185,7 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                      limit: int | None = None, check_lossless: bool = False, tree: str = "auto",
                      max_tree_nodes: int = 64, draft_k: int = 4, adaptive_k: bool = True,
                      full_draft_vocab: bool = False, compare_hf: bool = False, seed: int = 0, progress: bool = True,
-                     pack: bool = True) -> dict:
+                     pack: bool = True, tree_depth: int = 5, tree_topk: int = 4, typical: bool = False) -> dict:
     """Run the evaluation and return the report (see the module docstring). pack: on CPU, run target and
     drafter with oneDNN-prepacked linear layers (inference.packing), both for plain and speculative decoding.
     compare_hf (draft LMs): also time transformers' assisted generation with the same draft."""
@@ -156,13 +201,13 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         check_draft_vocab(drafter.config, target.config)
     qs = load_questions(questions, per_category=per_category, limit=limit)
     options = dict(tree=tree, max_tree_nodes=max_tree_nodes, draft_k=draft_k, adaptive_k=adaptive_k,
-                   full_draft_vocab=full_draft_vocab)
+                   full_draft_vocab=full_draft_vocab, tree_depth=tree_depth, tree_topk=tree_topk)
     with packed_linears(target, enabled=pack) as packed, packed_linears(drafter, enabled=pack) as packed_drafter:
-        if kind == "medusa":
-            drafter.attach_target(target)  # a shared-LM-head drafter borrows the packed head here ...
+        if kind in ("medusa", "eagle"):
+            drafter.attach_target(target)  # a drafter borrowing the target's LM head gets the packed one here ...
         report = _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check_lossless, options,
-                           compare_hf, seed, progress)
-    if kind == "medusa":
+                           compare_hf, seed, progress, typical)
+    if kind in ("medusa", "eagle"):
         drafter.attach_target(target)  # ... and the plain one again after
     report["setup"].update(questions=questions, packed_linear_layers=packed + packed_drafter)
     return report
@@ -176,11 +221,11 @@ def _summaries(tallies: dict[str, Tally]) -> tuple[dict, dict]:
 
 
 def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check_lossless, options, compare_hf,
-              seed, progress) -> dict:
+              seed, progress, typical) -> dict:
     torch.manual_seed(seed)  # transformers' sampling draws from the global generator
     gen = torch.Generator().manual_seed(seed)
     proposer, proposer_setup = make_proposer(drafter, target, temperature=temperature, generator=gen, **options)
-    eos, acceptance = stop_tokens(target, tokenizer), Acceptance(temperature=temperature)
+    eos, acceptance = stop_tokens(target, tokenizer), Acceptance(temperature=temperature, typical=typical)
     methods = {
         "plain": lambda ids, n: plain_generate(target, ids, n, eos, acceptance, gen),
         "draftsmith": lambda ids, n: speculative_generate(target, proposer, ids, n, eos, acceptance, gen),
@@ -214,7 +259,7 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
             "target": target.config._name_or_path, "drafter_kind": drafter_kind(drafter),
             "drafter_target": _drafter_target(drafter), "num_questions": len(qs),
             "max_new_tokens": max_new_tokens, "temperature": temperature,
-            "acceptance": _acceptance_name(drafter, temperature),
+            "acceptance": _acceptance_name(temperature, typical),
             "dtype": str(target.get_output_embeddings().weight.dtype).removeprefix("torch."),
             "device": str(target.device), "torch_threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "proposer": proposer_setup,
@@ -239,17 +284,15 @@ def _hf_assistant_settings(draft: PreTrainedModel) -> dict:
     return {n: getattr(config, n, None) if getattr(config, n, None) is not None else defaults.get(n) for n in names}
 
 
-def _acceptance_name(drafter, temperature: float) -> str:
+def _acceptance_name(temperature: float, typical: bool) -> str:
     if temperature == 0:
         return "greedy (lossless)"
-    if drafter_kind(drafter) == "draft_lm":
-        return "speculative sampling (lossless in distribution)"
-    return "typical acceptance (LOSSY)"
+    return "typical acceptance (LOSSY)" if typical else "speculative sampling (lossless in distribution)"
 
 
 def _drafter_target(drafter) -> str | None:
     """The target a drafter was trained for, as recorded in its config."""
-    if drafter_kind(drafter) == "medusa":
+    if drafter_kind(drafter) in ("medusa", "eagle"):
         return drafter.config.target_name_or_path
     return draftsmith_meta(drafter.config).get("target_name_or_path")
 
@@ -296,13 +339,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--questions", required=True, help="Spec-Bench-format JSONL path, or 'mt-bench'")
     p.add_argument("--output", help="write the JSON report here")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="> 0: speculative sampling for draft LMs "
-                   "(lossless), typical acceptance for Medusa (lossy)")
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0: speculative sampling (lossless in "
+                   "distribution)")
+    p.add_argument("--typical-acceptance", action="store_true", help="with --temperature > 0: Medusa's typical "
+                   "acceptance instead (LOSSY: the output distribution is not the target's)")
     p.add_argument("--per-category", type=int, help="first N questions of each category")
     p.add_argument("--limit", type=int, help="at most N questions in all")
     p.add_argument("--check-lossless", action="store_true", help="count answers that differ from plain greedy")
-    p.add_argument("--tree", default="auto", help="'auto' (calibrated), 'chain', or JSON rank paths")
+    p.add_argument("--tree", default="auto", help="'auto' (calibrated), 'chain', JSON rank paths, or for EAGLE "
+                   "'dynamic' (EAGLE-2 trees of --max-tree-nodes nodes)")
     p.add_argument("--max-tree-nodes", type=int, default=64)
+    p.add_argument("--tree-depth", type=int, default=5, help="EAGLE: draft steps per proposal")
+    p.add_argument("--tree-topk", type=int, default=4, help="EAGLE dynamic trees: nodes expanded per depth and "
+                   "children per node")
     p.add_argument("--draft-k", type=int, default=4, help="draft LMs: tokens drafted per step (the start value "
                    "when adaptive)")
     p.add_argument("--fixed-k", action="store_true", help="draft LMs: keep k fixed (default: adaptive k)")
@@ -317,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.check_lossless and args.temperature != 0:
         p.error("--check-lossless compares against greedy decoding: use --temperature 0")
+    if args.typical_acceptance and args.temperature == 0:
+        p.error("--typical-acceptance applies to sampling: give --temperature > 0")
     target, tokenizer = load_target(args.target, dtype=args.dtype)
     drafter = load_drafter(args.drafter, target).to(target.dtype)
     if args.compare_hf and drafter_kind(drafter) != "draft_lm":
@@ -327,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
                               max_tree_nodes=args.max_tree_nodes, draft_k=args.draft_k,
                               adaptive_k=not args.fixed_k, full_draft_vocab=args.full_draft_vocab,
                               compare_hf=args.compare_hf, seed=args.seed,
-                              pack=not args.no_pack)
+                              pack=not args.no_pack, tree_depth=args.tree_depth, tree_topk=args.tree_topk,
+                              typical=args.typical_acceptance)
     print(format_table(report))
     if args.output:
         write_report(report, args.output)

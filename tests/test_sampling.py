@@ -9,6 +9,7 @@ import torch
 from conftest import make_tiny_target
 from inference.draft_lm_proposer import DraftLMProposer
 from inference.speculative import Acceptance, plain_generate, speculative_generate, speculative_sampling
+from inference.tree import TokenTree
 
 VOCAB, NEW, PROMPT = 4, 3, torch.tensor([1, 3, 0, 2])
 
@@ -35,7 +36,8 @@ def test_speculative_sampling_first_token_follows_target():
     accepted = 0
     for _ in range(6000):
         drafts = torch.multinomial(q, 1, generator=gen).squeeze(-1)       # [2], token i ~ q_i
-        n, nxt = speculative_sampling(torch.cat([torch.tensor([0]), drafts]), q, p_logits, 1.0, gen)
+        tree = TokenTree.chain(torch.cat([torch.tensor([0]), drafts]), q)
+        n, nxt = speculative_sampling(tree, p_logits, 1.0, gen)
         counts[drafts[0] if n >= 1 else nxt] += 1
         accepted += n >= 1
     assert chi_square_p_value(counts, p1) > 1e-3
@@ -93,3 +95,85 @@ def test_speculative_sampling_end_to_end_matches_target_distribution(arch, draft
     # negative control: the draft's own samples are far from the target's distribution
     draft_counts = counts_of(lambda: plain_generate(draft, PROMPT, NEW, set(), Acceptance(1.0), gen).tokens, 1500)
     assert chi_square_p_value(draft_counts, exact) < 1e-6
+
+
+# --- trees (EAGLE drafts: deterministic top-k nodes, recursive rejection sampling over siblings) ---------------
+
+SAMPLES = 12_000  # per test: enough power that the control's p < 1e-6, while the null gives p > 1e-3
+
+
+def eagle_tree(shape: str):
+    """A tiny VOCAB-token target, an EAGLE-3 drafter for it, and the tree it proposes after PROMPT."""
+    from drafters import EagleModel
+    from inference.eagle_proposer import EagleProposer
+    from inference.target import target_forward
+
+    target, _ = tiny_pair("llama")
+    drafter = EagleModel.from_target(target, version=3).eval()
+    kwargs = dict(tree="static", paths=[(0,), (0, 0), (0, 0, 0)]) if shape == "chain" else \
+        dict(tree="dynamic", depth=3, topk=2, nodes=7)
+    proposer = EagleProposer(drafter, **kwargs)
+    out = target_forward(target, PROMPT[None], feature_layers=proposer.feature_layers)
+    proposer.begin(PROMPT, out.features[0])
+    return target, proposer.propose(root=1)
+
+
+@torch.no_grad()
+def node_logits(target, tree: TokenTree) -> torch.Tensor:
+    """The target's logits after every node, each from a plain forward over PROMPT + the node's path: [N, V]."""
+    return torch.stack([target(torch.cat([PROMPT, tree.tokens[tree.path_to(i)]])[None]).logits[0, -1]
+                        for i in range(len(tree))])
+
+
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+def test_tree_speculative_sampling_matches_target_distribution(shape):
+    """The first two tokens emitted after one verification ~ the target's p(x1, x2 | prompt, root) exactly."""
+    target, tree = eagle_tree(shape)
+    assert tree.draft_probs is None and (tree.is_chain() == (shape == "chain")) and len(tree) >= 4
+    logits = node_logits(target, tree)
+    with torch.no_grad():  # exact p(x1) and p(x2 | x1), for the second token when only the bonus token was emitted
+        prefix = torch.cat([PROMPT, tree.tokens[:1]])
+        p1 = torch.softmax(logits[0], -1)
+        p2 = torch.softmax(torch.stack([target(torch.cat([prefix, torch.tensor([v])])[None]).logits[0, -1]
+                                        for v in range(VOCAB)]), -1)                       # [V, V]
+    exact = (p1[:, None] * p2).flatten()
+    gen = torch.Generator().manual_seed(2)
+
+    def two_tokens(accept_all: bool = False) -> int:
+        node, bonus = speculative_sampling(tree, logits, 1.0, gen)
+        if accept_all:  # negative control: a verifier that always accepts the first drafted token
+            node = 1
+        emitted = tree.tokens[tree.path_to(node)[1:]].tolist() + [bonus]
+        x1 = emitted[0]
+        x2 = emitted[1] if len(emitted) > 1 else int(torch.multinomial(p2[x1], 1, generator=gen))
+        return x1 * VOCAB + x2
+
+    counts = torch.bincount(torch.tensor([two_tokens() for _ in range(SAMPLES)]), minlength=VOCAB ** 2)
+    assert chi_square_p_value(counts, exact) > 1e-3
+    control = torch.bincount(torch.tensor([two_tokens(True) for _ in range(SAMPLES)]), minlength=VOCAB ** 2)
+    assert chi_square_p_value(control, exact) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [pytest.param("chain", marks=pytest.mark.slow), "tree"])
+def test_eagle_sampling_end_to_end_matches_target_distribution(shape):
+    """The whole loop (draft cache, tree verification, cache compaction) with an EAGLE drafter at temperature 1."""
+    from drafters import EagleModel
+    from inference.eagle_proposer import EagleProposer
+
+    target, _ = tiny_pair("llama")
+    drafter = EagleModel.from_target(target, version=3).eval()
+    kwargs = dict(tree="static", paths=[(0,), (0, 0)]) if shape == "chain" else dict(tree="dynamic", depth=2,
+                                                                                        topk=2, nodes=5)
+    proposer = EagleProposer(drafter, **kwargs)
+    exact = exact_sequence_probs(target, PROMPT, NEW)
+    gen = torch.Generator().manual_seed(3)
+    accepted = []
+
+    def spec():
+        r = speculative_generate(target, proposer, PROMPT, NEW, eos=set(), acceptance=Acceptance(1.0), generator=gen)
+        accepted.extend(r.accept_lengths)
+        return r.tokens
+
+    counts = counts_of(spec, 1500)
+    assert chi_square_p_value(counts, exact) > 1e-3
+    assert 0 < sum(accepted) < 2 * len(accepted)

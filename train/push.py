@@ -56,6 +56,8 @@ def model_card(drafter_dir: str, repo_id: str, report: dict | None) -> str:
         lines += [f"{config.num_heads} Medusa heads ({config.num_layers} residual block(s) each, "
                   f"{'sharing the target LM head' if config.share_lm_head else 'own LM heads'}); head k predicts "
                   f"the token k + 2 positions ahead from the target's last hidden state.", ""]
+    if kind == "eagle":
+        lines += [_eagle_description(config), ""]
     if target and target in EMBEDDED_TARGET_SOURCES:
         lines += [f"Trained against draftsmith's embedded target `{target}` (a GGUF build of {base}, dequantized "
                   f"to float32); with the original {base} checkpoint the heads' accuracy may differ slightly.", ""]
@@ -73,11 +75,26 @@ def model_card(drafter_dir: str, repo_id: str, report: dict | None) -> str:
         f"python -m inference.evaluate --target {target_ref} --drafter {repo_id} --questions mt-bench",
         "```", "",
     ]
+    if getattr(config, "step_accuracy", None):
+        top1 = ", ".join(f"{a:.3f}" for a in config.step_accuracy)
+        lines += [f"Held-out top-1 accuracy per draft step (against the target's greedy tokens): {top1}.", ""]
     if getattr(config, "head_topk_accuracy", None):
         top1 = ", ".join(f"{row[0]:.3f}" for row in config.head_topk_accuracy)
         lines += [f"Held-out top-1 accuracy per head (against the target's greedy tokens): {top1}.", ""]
     lines += _results(report) if report else ["No evaluation report was given for this upload.", ""]
     return "\n".join(lines)
+
+
+def _eagle_description(config) -> str:
+    """What an EAGLE drafter is, and how serving engines take it (train/export.py)."""
+    if config.eagle_version == 1:
+        return ("EAGLE-1 feature drafter: one decoder layer of the target's architecture reads the target's last "
+                "hidden state and the next token's embedding and predicts the next feature; the target's LM head "
+                "turns it into tokens.")
+    return (f"EAGLE-3 drafter: features of target layers {config.feature_layers} fused into one decoder layer, "
+            f"trained with the training-time test; its own LM head covers {config.draft_vocab_size:,} frequent "
+            f"tokens (`d2t` / `t2d` maps). `python -m train.export --drafter DIR --format sglang|vllm` writes the "
+            f"layouts SGLang and vLLM load.")
 
 
 def _results(report: dict) -> list[str]:

@@ -1,0 +1,175 @@
+"""EAGLE drafters: draft-vocabulary maps, the training-time test, lossless greedy decoding (chain, static tree,
+dynamic tree; EAGLE-1 and EAGLE-3; two architectures), save/load and the refusal of a foreign target."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import make_tiny_target
+from drafters import EagleModel, load_drafter
+from drafters.eagle import default_feature_layers
+from inference.eagle_proposer import EagleProposer
+from inference.speculative import plain_generate, speculative_generate
+from inference.target import target_forward
+from train.eagle_objective import Eagle1Objective, Eagle3Objective, causal_mask
+
+PROMPTS = [[5, 17, 33, 2, 99, 41], [7, 7, 120, 64], [200, 3, 18, 250, 11, 90, 4]]
+TREES = {
+    "chain": dict(tree="static", paths=[(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)]),
+    "static": dict(tree="static", paths=[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)]),
+    "dynamic": dict(tree="dynamic", depth=4, topk=3, nodes=10),
+}
+
+
+def greedy_text(target, n_rows=8, length=48, seed=0, prompts=()) -> torch.Tensor:
+    """The target's own greedy continuations [n_rows, length] of `prompts` (their first 4 tokens), then of random
+    4-token prompts: what a drafter learns."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = [torch.tensor(p[:4]) for p in prompts][:n_rows]
+    starts += [torch.randint(3, target.config.vocab_size, (4,), generator=gen) for _ in range(n_rows - len(starts))]
+    return torch.stack([torch.cat([s, torch.tensor(plain_generate(target, s, length - 4, set()).tokens)])
+                        for s in starts])
+
+
+def trained_eagle(target, version: int, steps: int = 60, **kwargs) -> EagleModel:
+    """A drafter trained on the target's greedy text, including that of the test prompts' beginnings: its drafts
+    must be accepted, or the decoding tests would pass vacuously."""
+    torch.manual_seed(0)
+    drafter = EagleModel.from_target(target, version=version, **kwargs)
+    objective = (Eagle1Objective(drafter, target, cls_weight=1.0) if version == 1 else
+                 Eagle3Objective(drafter, target, steps=3))
+    ids = greedy_text(target, prompts=PROMPTS)
+    mask = torch.ones_like(ids)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss, _ = objective(ids, mask, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return drafter.eval()
+
+
+@pytest.fixture(scope="module", params=[("llama", 1), ("llama", 3), ("qwen2", 1), ("qwen2", 3)],
+                ids=lambda p: f"{p[0]}-eagle{p[1]}")
+def trained(request):
+    arch, version = request.param
+    target = make_tiny_target(arch)
+    vocab = list(range(0, 256, 2)) + [1, 3, 5] if version == 3 else None  # EAGLE-3 drafts over a subset
+    return target, trained_eagle(target, version, draft_vocab=vocab)
+
+
+# --- the model -------------------------------------------------------------------------------------------------
+
+
+def test_draft_vocab_maps_round_trip():
+    target = make_tiny_target()
+    ids = [0, 2, 3, 17, 100, 255]
+    drafter = EagleModel.from_target(target, version=3, draft_vocab=[17, 3, 255, 0, 2, 100, 3])
+    assert drafter.draft_ids().tolist() == ids                      # draft id i -> target id i + d2t[i]
+    assert drafter.d2t.tolist() == [t - i for i, t in enumerate(ids)]
+    assert drafter.t2d.nonzero().squeeze(-1).tolist() == ids        # t2d marks exactly those target ids
+    assert torch.equal(drafter.lm_head.weight, target.lm_head.weight[ids])  # head starts from the target's rows
+    with pytest.raises(ValueError, match="distinct target ids"):
+        drafter.set_draft_vocab([0, 1, 2, 3, 4, 256])
+
+
+def test_default_feature_layers():
+    assert default_feature_layers(30) == [2, 15, 27]                # SmolLM2-135M
+    assert default_feature_layers(2) == [0, 1]                      # clipped into a 2-layer target, distinct
+
+
+def test_save_load_round_trip_and_foreign_target_refused(tmp_path):
+    target = make_tiny_target("llama")
+    drafter = trained_eagle(target, 3, steps=2, draft_vocab=list(range(50)))
+    drafter.save_pretrained(tmp_path)
+    loaded = load_drafter(str(tmp_path), target)
+    saved = {k: v for k, v in drafter.state_dict().items()}
+    assert saved.keys() == loaded.state_dict().keys() and "embed_tokens" not in str(list(saved))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in saved.items())
+    prompt = torch.tensor(PROMPTS[0])
+    a = speculative_generate(target, EagleProposer(drafter, **TREES["dynamic"]), prompt, 20, set())
+    b = speculative_generate(target, EagleProposer(loaded, **TREES["dynamic"]), prompt, 20, set())
+    assert a.tokens == b.tokens and a.accept_lengths == b.accept_lengths
+    with pytest.raises(ValueError, match="model_type"):
+        load_drafter(str(tmp_path), make_tiny_target("qwen2"))
+    with pytest.raises(ValueError, match="vocab_size"):
+        load_drafter(str(tmp_path), make_tiny_target("llama", vocab_size=300))
+
+
+# --- training-time test ----------------------------------------------------------------------------------------
+
+
+def test_ttt_step_reads_previous_step_output():
+    """Step i's hidden input is step i-1's output (never the target's feature); step 0 reads fc(features)."""
+    target = make_tiny_target()
+    drafter = EagleModel.from_target(target, version=3)
+    objective = Eagle3Objective(drafter, target, steps=4)
+    seen, produced = [], []
+
+    def record(module, args, out):
+        seen.append(args[1])
+        produced.append(out)
+
+    drafter.register_forward_hook(record)
+    ids = greedy_text(target, n_rows=2, length=16)
+    objective(ids, torch.ones_like(ids), torch.ones_like(ids))
+    features = target_forward(target, ids, feature_layers=drafter.config.feature_layers).features
+    assert len(seen) == 4
+    assert torch.equal(seen[0], drafter.fuse(features[:, :-1]))
+    for i in range(1, 4):
+        assert seen[i] is produced[i - 1]
+        assert not torch.allclose(seen[i], seen[0])
+
+
+def test_ttt_equals_drafting_after_a_verified_prefix():
+    """Training-time test step i at anchor j computes what decoding computes when it drafts i tokens after the
+    verified pairs 0..j (same attention, positions and inputs)."""
+    target = make_tiny_target()
+    drafter = EagleModel.from_target(target, version=3).eval()
+    ids = greedy_text(target, n_rows=1, length=12)
+    steps, T = 3, ids.shape[1]
+    captured = []
+    drafter.register_forward_hook(lambda m, args, out: captured.append(out[0]) and None)
+    Eagle3Objective(drafter, target, steps=steps)(ids, torch.ones_like(ids), torch.ones_like(ids))
+    ttt = captured[:]                                                     # steps x [T - 1, H]
+    features = target_forward(target, ids, feature_layers=drafter.config.feature_layers).features
+    min_ = torch.finfo(torch.float32).min
+    for j in (0, 4, 7):
+        cache = DynamicCache()
+        n = j + 1                                                         # verified pairs 0..j
+        out = drafter(ids[:, 1:n + 1], drafter.fuse(features[:, :n]), torch.arange(n)[None],
+                      causal_mask(n, torch.float32, "cpu"), cache)[0, -1]
+        assert torch.allclose(out, ttt[0][j], atol=1e-5)
+        for i in range(1, steps):                                         # draft i tokens past anchor j
+            mask = torch.zeros(1, 1, 1, n + i)
+            out = drafter(ids[:, None, j + 1 + i], out[None, None], torch.tensor([[j + i]]), mask, cache)[0, -1]
+            assert torch.allclose(out, ttt[i][j], atol=1e-5), (j, i)
+        assert T > j + steps
+
+
+# --- decoding --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", list(TREES))
+def test_greedy_decoding_is_lossless_and_accepts_drafts(trained, shape):
+    target, drafter = trained
+    accepted = 0
+    for prompt in PROMPTS:
+        prompt = torch.tensor(prompt)
+        reference = plain_generate(target, prompt, 40, set()).tokens
+        result = speculative_generate(target, EagleProposer(drafter, **TREES[shape]), prompt, 40, set())
+        assert result.tokens == reference
+        assert result.forwards == 1 + len(result.accept_lengths)
+        accepted += sum(result.accept_lengths)
+    assert accepted >= 10  # the trained drafter's drafts are accepted (the tests would pass vacuously otherwise)
+
+
+def test_dynamic_tree_shape(trained):
+    target, drafter = trained
+    proposer = EagleProposer(drafter, tree="dynamic", depth=4, topk=3, nodes=10)
+    out = target_forward(target, torch.tensor([PROMPTS[0]]), feature_layers=proposer.feature_layers)
+    proposer.begin(torch.tensor(PROMPTS[0]), (out.features if proposer.feature_layers else out.hidden_states)[0])
+    tree = proposer.propose(int(out.logits[0, -1].argmax()))
+    assert len(tree) == 10 and max(tree.depths()) <= 4
+    children = [tree.parents.count(i) for i in range(len(tree))]
+    assert max(children) <= 3
+    assert proposer.cache.get_seq_length() == len(PROMPTS[0])  # draft nodes were dropped from the draft cache
