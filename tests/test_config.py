@@ -89,8 +89,9 @@ def test_unknown_top_level_and_override_keys():
 
 
 def test_unknown_drafter_kind_lists_known_kinds():
-    with pytest.raises(ConfigError, match=r"drafter\.kind 'eagle' is not a known drafter kind; known kinds: medusa"):
-        load_config(None, REQUIRED + ["drafter.kind=eagle"])
+    with pytest.raises(ConfigError, match=r"drafter\.kind 'hydra' is not a known drafter kind; known kinds: medusa, "
+                                          r"draft_lm, eagle"):
+        load_config(None, REQUIRED + ["drafter.kind=hydra"])
 
 
 @pytest.mark.parametrize("override, message", [
