@@ -120,5 +120,5 @@ def test_resume_continues_exactly(assets, tmp_path):
 
 
 def test_scripts_refuse_the_other_kind(capsys):
-    with pytest.raises(SystemExit, match="this script trains 'draft_lm' drafters; use train/train_heads.py"):
+    with pytest.raises(SystemExit, match="this script trains draft_lm drafters; use train/train_heads.py"):
         main(["--config", str(REPO / "configs" / "medusa_tiny.yaml")])
