@@ -173,3 +173,21 @@ def test_dynamic_tree_shape(trained):
     children = [tree.parents.count(i) for i in range(len(tree))]
     assert max(children) <= 3
     assert proposer.cache.get_seq_length() == len(PROMPTS[0])  # draft nodes were dropped from the draft cache
+
+
+def test_ttt_leaves_out_tokens_without_a_draft_id_and_counts_them():
+    """Every supervised position of step 0 is either trained on (its target token has a draft id) or counted in
+    `outside`; those trained on are exactly the ones whose target greedy token is in the draft vocabulary."""
+    from train.objectives import next_token_supervised
+
+    target = make_tiny_target()
+    drafter = EagleModel.from_target(target, version=3, draft_vocab=list(range(0, 256, 2)))
+    objective = Eagle3Objective(drafter, target, steps=2)
+    ids = greedy_text(target, n_rows=2, length=16)
+    mask = torch.ones_like(ids)
+    _, stats = objective(ids, mask, mask)
+    needed = next_token_supervised(mask, mask)
+    greedy = target(ids).logits.argmax(-1)                           # the target's token after each position
+    in_vocab = int((greedy[:, 1:][needed[:, 1:]] % 2 == 0).sum())
+    assert stats[0, 2] == in_vocab and objective.outside[0] == int(needed[:, 1:].sum()) - in_vocab
+    assert objective.outside[0] > 0 and stats[0, 2] > 0

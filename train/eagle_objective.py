@@ -99,21 +99,23 @@ class Eagle1Objective(nn.Module):
 
 class Eagle3Objective(nn.Module):
     """EAGLE-3 training-time test (module docstring). stats: one row per step (CE sum, top-1 hits, count); the
-    count of positions left out (target token outside the draft vocabulary) is kept in `self.outside`."""
+    positions each step left out (supervised, but the target's token has no draft id: a certain miss) are counted
+    in `self.outside` [steps] by the last call."""
 
     def __init__(self, drafter: EagleModel, target: nn.Module, steps: int = 7, step_decay: float = 0.8):
         super().__init__()
         self.drafter = drafter
         self._target = [target]
         self.steps, self.step_decay = steps, step_decay
-        self.outside = 0
+        self.outside = torch.zeros(steps, dtype=torch.float64)
 
     @torch.no_grad()
     def teacher(self, input_ids, attention_mask, loss_mask, features=None, hidden=None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The target's side: fused-layer features [B, T, F]; `row` [B, T] indexing `probs` [M, N] (the target's
         next-token distribution over the draft vocabulary at every position whose next token is supervised and
-        whose greedy token has a draft id; -1 elsewhere) and `greedy` [M] (that token's draft id). `features`
+        whose greedy token has a draft id; -2 where it has none; -1 elsewhere) and `greedy` [M] (that token's draft
+        id). `features`
         and `hidden` (the last hidden states [B, T, H]) come from a feature cache in offline mode."""
         target, d = self._target[0], self.drafter
         if features is None or hidden is None:
@@ -129,10 +131,10 @@ class Eagle3Objective(nn.Module):
             probs.append(torch.softmax(logits[:, ids].float(), dim=-1))                 # [m, N]
         top = torch.cat(top) if top else ids.new_zeros(0)                               # [M0] target ids
         keep = d.t2d[top]                                                               # [M0]
-        self.outside = int((~keep).sum())
         kept = needed.clone()
         kept[needed] = keep
         row = torch.full(needed.shape, -1, dtype=torch.long, device=needed.device)
+        row[needed & ~kept] = -2
         row[kept] = torch.arange(int(keep.sum()), device=row.device)
         draft_of = torch.full((len(d.t2d),), -1, dtype=torch.long, device=ids.device)  # target id -> draft id
         draft_of[ids] = torch.arange(len(ids), device=ids.device)
@@ -162,6 +164,7 @@ class Eagle3Objective(nn.Module):
             # 2. supervised where the target's next-token distribution at position j+1+i was kept
             r = rows[:, 1 + i:1 + i + n]                                                # [B, n]
             valid = r >= 0
+            self.outside[i] = float((r == -2).sum())
             m = int(valid.sum())
             if m:
                 logits = d.logits(out[valid])                                           # [m, N]

@@ -133,11 +133,13 @@ class EagleRecipe(recipe.Recipe):
     @torch.no_grad()
     def heldout_accuracy(self, drafter: EagleModel) -> list[float]:
         """Top-1 agreement with the target's greedy token per draft step (EAGLE-3: the training-time-test steps,
-        the drafter reading its own outputs; EAGLE-1: the first step) on the held-out conversations."""
+        the drafter reading its own outputs; EAGLE-1: the first step) on the held-out conversations. EAGLE-3
+        positions whose target token lies outside the draft vocabulary count as misses."""
         objective = self.objective_for(drafter).eval()
         hits = torch.zeros(self.num_stats, 3, dtype=torch.float64)
         for batch in self.holdout_batches():
             hits += objective(**batch)[1]
+            hits[:, 2] += getattr(objective, "outside", 0)
         return (hits[:, 1] / hits[:, 2].clamp(min=1)).tolist()
 
     def save_drafter(self, drafter: EagleModel, path: Path) -> None:
