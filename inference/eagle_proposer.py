@@ -51,9 +51,10 @@ class DraftNodes:
 
 class EagleProposer:
     def __init__(self, drafter: EagleModel, tree: str = "dynamic", depth: int = 5, topk: int = 4, nodes: int = 16,
-                 paths: list[tuple[int, ...]] | None = None, draft_vocab: list[int] | None = None):
+                 paths: list[tuple[int, ...]] | None = None, draft_vocab: list[int] | None = None, prune: bool = True):
         """tree: 'dynamic' (depth, topk, nodes as in EAGLE-2) or 'static' (`paths`; a chain is
-        [(0,), (0, 0), ...]). draft_vocab (EAGLE-1 only; FR-Spec): rank candidates among these target ids with
+        [(0,), (0, 0), ...]). prune (dynamic): stop drafting deeper once no deeper node can be among the best
+        `nodes` (the same tree, fewer drafter forwards). draft_vocab (EAGLE-1 only; FR-Spec): rank candidates among these target ids with
         those rows of the target's LM head. EAGLE-3 drafts over its own draft vocabulary."""
         if tree not in ("dynamic", "static"):
             raise ValueError(f"tree={tree!r}: use 'dynamic' or 'static' (with paths)")
@@ -68,6 +69,7 @@ class EagleProposer:
         elif depth < 1 or topk < 1 or nodes < 2:
             raise ValueError(f"dynamic trees need depth >= 1, topk >= 1 and nodes >= 2; got {depth}, {topk}, {nodes}")
         self.drafter, self.mode, self.depth, self.topk, self.nodes = drafter, tree, depth, topk, nodes
+        self.prune = prune
         self.paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p)) if paths else []
         self.path_set = set(self.paths)
         self.feature_layers = drafter.config.feature_layers if drafter.config.eagle_version == 3 else None
@@ -100,7 +102,7 @@ class EagleProposer:
         tree.outputs[0] = self._feed_verified(root)
         for d in range(self.depth):
             expand = self._to_expand(tree, d)
-            if not expand:
+            if not expand or self._settled(tree, expand):
                 break
             if d > 0:
                 self._feed(tree, expand)
@@ -163,6 +165,15 @@ class EagleProposer:
             parents = {p[:-1] for p in self.paths}
             return [i for i in at_depth if tree.paths[i] in parents]
         return sorted(at_depth, key=lambda i: (-tree.scores[i], i))[:self.topk]
+
+    def _settled(self, tree: DraftNodes, expand: list[int]) -> bool:
+        """Dynamic trees: True when no descendant of `expand` can enter the final tree, so drafting can stop with
+        the same result. A child's score is at most its parent's and it is created later (losing ties), so once
+        nodes - 1 drafted nodes score at least the best node to expand, the choice is made."""
+        if self.mode != "dynamic" or not self.prune or len(tree.tokens) - 1 < self.nodes - 1:
+            return False
+        kept = sorted(tree.scores[1:], reverse=True)[self.nodes - 2]
+        return kept >= max(tree.scores[i] for i in expand)
 
     def _children_wanted(self, tree: DraftNodes, nodes: list[int]) -> int:
         if self.mode == "dynamic":

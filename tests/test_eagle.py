@@ -191,3 +191,23 @@ def test_ttt_leaves_out_tokens_without_a_draft_id_and_counts_them():
     in_vocab = int((greedy[:, 1:][needed[:, 1:]] % 2 == 0).sum())
     assert stats[0, 2] == in_vocab and objective.outside[0] == int(needed[:, 1:].sum()) - in_vocab
     assert objective.outside[0] > 0 and stats[0, 2] > 0
+
+
+def test_pruned_dynamic_tree_is_the_same_tree_with_fewer_drafter_forwards(trained):
+    """Stopping once no deeper node can enter the best `nodes` changes nothing but the number of drafter calls."""
+    target, drafter = trained
+    calls = {True: 0, False: 0}
+    for prune in (True, False):
+        handle = drafter.register_forward_hook(lambda *a, p=prune: calls.__setitem__(p, calls[p] + 1) or None)
+        trees = []
+        for prompt in PROMPTS:
+            proposer = EagleProposer(drafter, tree="dynamic", depth=5, topk=2, nodes=4, prune=prune)
+            out = target_forward(target, torch.tensor([prompt]), feature_layers=proposer.feature_layers)
+            proposer.begin(torch.tensor(prompt), (out.features if proposer.feature_layers else out.hidden_states)[0])
+            tree = proposer.propose(int(out.logits[0, -1].argmax()))
+            trees.append((tree.tokens.tolist(), tree.parents))
+        handle.remove()
+        if prune:
+            pruned = trees
+    assert pruned == trees
+    assert calls[True] < calls[False]
