@@ -38,13 +38,14 @@ def manifest_for(target, tokenizer, source: str, max_length: int, limit: int | N
                  dtype: str, num_conversations: int, shard_size: int) -> dict:
     """What a dump depends on (the keys `check_manifest` compares) and how it is laid out."""
     tc = target.config.get_text_config()
+    fingerprint = _source_fingerprint(source)  # reads the whole data file: once
     return {
         "format_version": FORMAT_VERSION,
         "target": tc._name_or_path, "target_revision": getattr(tc, "_commit_hash", None),
         "feature_layers": feature_layers, "dtype": dtype,
         "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
-        "max_length": max_length, "data": source, "data_sha256": _source_fingerprint(source), "limit": limit,
-        "token_dataset_key": cache_key(source, tokenizer, max_length, limit),
+        "max_length": max_length, "data": source, "data_sha256": fingerprint, "limit": limit,
+        "token_dataset_key": cache_key(source, tokenizer, max_length, limit, fingerprint),
         "num_conversations": num_conversations, "shard_size": shard_size,
     }
 

@@ -219,8 +219,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(source: str, tokenizer, max_length: int, limit: int | None) -> str:
-    parts = [f"v{CACHE_VERSION}", _source_fingerprint(source), _tokenizer_fingerprint(tokenizer),
+def cache_key(source: str, tokenizer, max_length: int, limit: int | None, fingerprint: str | None = None) -> str:
+    """fingerprint: `_source_fingerprint(source)` when the caller has it already (it reads the whole file)."""
+    parts = [f"v{CACHE_VERSION}", fingerprint or _source_fingerprint(source), _tokenizer_fingerprint(tokenizer),
              f"max_length={max_length}", f"limit={limit}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 

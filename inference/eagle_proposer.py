@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from drafters.eagle import EagleModel
 from drafters.vocab import draft_head_rows
 
-from .tree import TokenTree
+from .tree import TokenTree, additive_mask
 
 
 @dataclass
@@ -72,6 +72,7 @@ class EagleProposer:
         self.prune = prune
         self.paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p)) if paths else []
         self.path_set = set(self.paths)
+        self.parent_paths = {p[:-1] for p in self.paths}                        # static nodes with children
         self.feature_layers = drafter.config.feature_layers if drafter.config.eagle_version == 3 else None
         weight = drafter.head_weight()
         if draft_vocab is not None and drafter.config.eagle_version == 1:
@@ -162,8 +163,7 @@ class EagleProposer:
         """Nodes at depth d whose children are drafted next."""
         at_depth = [i for i in range(len(tree.tokens)) if tree.depths[i] == d]
         if self.mode == "static":
-            parents = {p[:-1] for p in self.paths}
-            return [i for i in at_depth if tree.paths[i] in parents]
+            return [i for i in at_depth if tree.paths[i] in self.parent_paths]
         return sorted(at_depth, key=lambda i: (-tree.scores[i], i))[:self.topk]
 
     def _settled(self, tree: DraftNodes, expand: list[int]) -> bool:
@@ -200,6 +200,5 @@ class EagleProposer:
         return out
 
     def _additive(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """bool [m, K] -> additive mask [1, 1, m, K] (0 allowed, the dtype's minimum elsewhere) on the device."""
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[None, None].to(self.ids.device)
+        """bool [m, K] -> additive mask [1, 1, m, K] on the drafter's device."""
+        return additive_mask(allowed.to(self.ids.device), dtype)

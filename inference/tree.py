@@ -60,11 +60,17 @@ class TokenTree:
         return path[::-1]
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [Q, K] (True: query may attend to key) -> additive attention mask [1, 1, Q, K] on the same device:
+    0 where allowed, the dtype's minimum elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
 def tree_attention_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask [1, 1, N, prefix_len + N]: 0 where a node may attend, the dtype's minimum elsewhere."""
     allowed = torch.cat([torch.ones(len(tree), prefix_len, dtype=torch.bool), tree.ancestor_mask()], dim=1)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return additive_mask(allowed, dtype)
 
 
 def expected_accept_lengths(paths: list[tuple[int, ...]], accuracy: list[list[float]]) -> list[float]:

@@ -24,21 +24,21 @@ from transformers import DynamicCache
 
 from drafters.eagle import EagleModel
 from inference.target import target_forward
+from inference.tree import additive_mask
 from train.objectives import LM_HEAD_CHUNK, next_token_supervised
 
 
 def causal_mask(T: int, dtype: torch.dtype, device) -> torch.Tensor:
     """[1, 1, T, T] additive: position t attends to positions <= t."""
-    blocked = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(T, T, dtype=dtype, device=device).masked_fill_(blocked, torch.finfo(dtype).min)[None, None]
+    return additive_mask(torch.ones(T, T, dtype=torch.bool, device=device).tril(), dtype)
 
 
 def ttt_mask(T: int, step: int, dtype: torch.dtype, device) -> torch.Tensor:
     """[1, 1, T, (step + 1) T] additive mask of training-time-test step `step`: causal over step 0's keys, then
     the diagonal of every later step's keys (anchor j sees its own drafted positions only)."""
-    blocks = [causal_mask(T, dtype, device)]
-    diagonal = torch.full((T, T), torch.finfo(dtype).min, dtype=dtype, device=device).fill_diagonal_(0)
-    return torch.cat(blocks + [diagonal[None, None]] * step, dim=-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    diagonal = torch.eye(T, dtype=torch.bool, device=device)
+    return additive_mask(torch.cat([causal] + [diagonal] * step, dim=-1), dtype)
 
 
 def supervised_pairs(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
