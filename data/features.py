@@ -56,7 +56,8 @@ COMPARED = ("format_version", "target", "target_revision", "feature_layers", "ch
 
 def check_manifest(found: dict, expected: dict, where: str) -> None:
     """Refuse a cache whose recorded dependencies differ from the expected ones (dtype may differ on purpose)."""
-    wrong = [f"{k}: cache {found.get(k)!r}, config {expected.get(k)!r}" for k in COMPARED if found.get(k) != expected.get(k)]
+    wrong = [f"{k}: cache {found.get(k)!r}, config {expected.get(k)!r}"
+             for k in COMPARED if found.get(k) != expected.get(k)]
     if wrong:
         raise FeatureCacheMismatch(f"feature cache {where} does not match this run ({'; '.join(wrong)}). Dump "
                                    f"features for this config with `python -m data.features`, or point "

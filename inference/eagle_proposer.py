@@ -54,8 +54,9 @@ class EagleProposer:
                  paths: list[tuple[int, ...]] | None = None, draft_vocab: list[int] | None = None, prune: bool = True):
         """tree: 'dynamic' (depth, topk, nodes as in EAGLE-2) or 'static' (`paths`; a chain is
         [(0,), (0, 0), ...]). prune (dynamic): stop drafting deeper once no deeper node can be among the best
-        `nodes` (the same tree, fewer drafter forwards). draft_vocab (EAGLE-1 only; FR-Spec): rank candidates among these target ids with
-        those rows of the target's LM head. EAGLE-3 drafts over its own draft vocabulary."""
+        `nodes` (the same tree, fewer drafter forwards). draft_vocab (EAGLE-1 only; FR-Spec): rank candidates
+        among these target ids with those rows of the target's LM head. EAGLE-3 drafts over its own draft
+        vocabulary."""
         if tree not in ("dynamic", "static"):
             raise ValueError(f"tree={tree!r}: use 'dynamic' or 'static' (with paths)")
         if tree == "static":
