@@ -8,12 +8,13 @@ matches train and test distributions (Medusa-2's self-distillation, EAGLE's rege
 on-policy data). Each conversation is answered turn by turn: every user turn is followed by the target's own
 answer to the conversation so far. Output: OpenAI-style JSONL, one conversation a line,
     {"id", "messages", "finish_reasons": ["stop" | "length" per assistant turn], "provenance": {...}}
-which `data.conversations.load_conversations` reads like any other source.
+which `data.conversations.load_conversations` reads like any other source. Records are written shortest first
+prompt first (batches of similar lengths waste little padding), not in input order.
 
 Resumable: records are appended and fsync'ed one batch at a time. A rerun with the same arguments reads back the
 complete lines, drops a trailing partial line (a crash mid-write), skips the ids already written, and refuses to
 continue a file written with different settings. Resumed == uninterrupted, byte for byte: batches are fixed
-slices of the input (a batch that was cut short is regenerated whole, its missing records written), and sampling
+slices of the length-sorted input (a batch that was cut short is regenerated whole, its missing records written), and sampling
 draws each (record, turn) from its own generator seeded from (seed, record id, turn).
 """
 from __future__ import annotations
@@ -205,6 +206,20 @@ def _check_unique_ids(conversations: list[Conversation], source: str) -> None:
                          "so ids must be unique: give the records unique 'id' fields")
 
 
+def by_prompt_length(conversations: list[Conversation], tokenizer) -> list[Conversation]:
+    """Shortest first prompt first (stable). A batch is left-padded to its longest prompt, and prefill dominates
+    on a CPU: 16 prompts of the shared training file in file order (45 to 1,425 tokens) spent 120 s on 16 new
+    tokens, mostly prefilling padding."""
+    def first_prompt_tokens(c: Conversation) -> int:
+        turn = []
+        for m in c.messages:
+            if m["role"] == "assistant":
+                break
+            turn.append(m)
+        return len(tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return sorted(conversations, key=first_prompt_tokens)
+
+
 def regenerate(target: str, source: str, output: str, max_new_tokens: int = 256, temperature: float = 0.0,
                batch_size: int = 8, limit: int | None = None, seed: int = 0, dtype: str = "float32",
                device: str = "cpu", stop_after: int | None = None) -> RegenerateResult:
@@ -214,7 +229,8 @@ def regenerate(target: str, source: str, output: str, max_new_tokens: int = 256,
         raise ValueError(f"need max_new_tokens >= 1, batch_size >= 1, temperature >= 0; got {max_new_tokens}, "
                          f"{batch_size}, {temperature}")
     provenance = {"target": target, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-                  "source": source, "dtype": dtype, "batch_size": batch_size}  # batch_size: padding moves rounding
+                  "source": source, "dtype": dtype, "batch_size": batch_size,  # batch_size: padding moves rounding
+                  "order": "prompt_length"}
     conversations, report = load_conversations(resolve_data(source), limit=limit)
     print(report.summary(), flush=True)
     _check_unique_ids(conversations, source)
@@ -223,6 +239,7 @@ def regenerate(target: str, source: str, output: str, max_new_tokens: int = 256,
     if partial:
         print(f"{output}: dropped a partial last line left by an interrupted run", flush=True)
     model, tokenizer = load_target(target, dtype=dtype, device=device)
+    conversations = by_prompt_length(conversations, tokenizer)
     settings = Settings(max_new_tokens, temperature, seed)
     result = RegenerateResult(0, sum(c.id in done for c in conversations), 0, 0.0, partial)
     start = time.perf_counter()

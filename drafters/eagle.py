@@ -24,7 +24,8 @@ import importlib
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import AttentionInterface, AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
 class EagleConfig(PretrainedConfig):
@@ -56,13 +57,53 @@ class EagleConfig(PretrainedConfig):
         return self.target_config["vocab_size"]
 
     def layer_config(self) -> PretrainedConfig:
-        """The target family's config with one layer, attention through torch's SDPA."""
+        """The target family's config with one layer; attention through `eagle_attention` (torch's SDPA, or the
+        training-time test's block-diagonal form)."""
         tc = {k: v for k, v in self.target_config.items() if k not in ("model_type", "num_hidden_layers")}
         if tc.get("layer_types"):  # per-layer attention kinds: the drafter's layer is of the first kind
             tc["layer_types"] = tc["layer_types"][:1]
         config = AutoConfig.for_model(self.target_config["model_type"], **tc, num_hidden_layers=1)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = ATTENTION
         return config
+
+
+ATTENTION = "draftsmith_eagle"
+
+
+def ttt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """Attention of training-time-test step s without the mask over s + 1 key blocks: step s's query at anchor j
+    sees step 0's keys through `attention_mask` (causal) and, of every later step's keys, only those at anchor j.
+    query [B, h, n, D]; key, value [B, kv, (s + 1) n, D] (block b = step b's keys at anchors 0..n-1);
+    attention_mask [B or 1, 1, n, n] additive over block 0. Returns [B, n, h, D]. Equal to attention over all
+    (s + 1) n keys with `train.eagle_objective.ttt_mask`, at the cost of one block plus s dot products a query
+    (the masked form costs s + 1 blocks: 4x the scores at the default 7 steps, summed over the steps)."""
+    B, h, n, D = query.shape
+    kv = key.shape[1]
+    q = query.view(B, kv, h // kv, n, D) * scaling                              # [B, kv, g, n, D]
+    k0, v0 = key[:, :, None, :n], value[:, :, None, :n]                         # [B, kv, 1, n, D]
+    kd = key[:, :, n:].unflatten(2, (-1, n))                                    # [B, kv, s, n, D]
+    vd = value[:, :, n:].unflatten(2, (-1, n))
+    scores = (q @ k0.transpose(-1, -2)).add_(attention_mask.unsqueeze(2))       # [B, kv, g, n, n]
+    diag = torch.einsum("bkgnd,bksnd->bkgns", q, kd)                            # [B, kv, g, n, s]
+    w = torch.softmax(torch.cat([scores, diag], dim=-1).float(), dim=-1).to(query.dtype)
+    out = w[..., :n] @ v0 + torch.einsum("bkgns,bksnd->bkgnd", w[..., n:], vd)  # [B, kv, g, n, D]
+    return out.reshape(B, h, n, D).transpose(1, 2)
+
+
+def eagle_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+                    scaling: float | None = None, ttt: bool = False, **kwargs):
+    """The drafter layer's attention function (transformers' AttentionInterface): `ttt=True` (passed through the
+    layer's kwargs by the training-time test) takes `ttt_attention`, anything else torch's SDPA."""
+    if not ttt:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise ValueError("the training-time test's attention has no dropout; set attention_dropout to 0")
+    return ttt_attention(query, key, value, attention_mask, scaling), None
+
+
+AttentionInterface.register(ATTENTION, eagle_attention)
 
 
 def default_feature_layers(num_layers: int) -> list[int]:
@@ -217,14 +258,16 @@ class EagleModel(PreTrainedModel):
         return self.fc(features) if self.config.eagle_version == 3 else features
 
     def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor, cache=None) -> torch.Tensor:
+                attention_mask: torch.Tensor, cache=None, ttt: bool = False) -> torch.Tensor:
         """One draft step. input_ids [B, T] (x_{t+1}), hidden_states [B, T, H] (fused feature or the previous
         step's output at t), position_ids [B, T], attention_mask [B or 1, 1, T, T_cache + T] additive, cache: a
-        transformers Cache holding earlier pairs (appended to). Returns the output [B, T, H]: EAGLE-1's predicted
-        feature f^_{t+1}, EAGLE-3's h (before `norm`)."""
+        transformers Cache holding earlier pairs (appended to). ttt: the cache holds earlier training-time-test
+        steps over the same T anchors and attention_mask [., 1, T, T] covers step 0's block (`ttt_attention`).
+        Returns the output [B, T, H]: EAGLE-1's predicted feature f^_{t+1}, EAGLE-3's h (before `norm`)."""
         embeds = self.target.get_input_embeddings()(input_ids).to(hidden_states.dtype)  # [B, T, H]
         rope = self.rotary(hidden_states.device)(hidden_states, position_ids)
-        kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, position_embeddings=rope, cache=cache)
+        kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, position_embeddings=rope, cache=cache,
+                      ttt=ttt)
         if self.config.eagle_version == 1:
             return self.midlayer(self.fc(torch.cat([embeds, hidden_states], dim=-1)), **kwargs)
         layer = self.midlayer

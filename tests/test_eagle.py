@@ -10,6 +10,7 @@ from drafters.eagle import default_feature_layers
 from inference.eagle_proposer import EagleProposer
 from inference.speculative import plain_generate, speculative_generate
 from inference.target import target_forward
+from inference.tree import additive_mask
 from train.eagle_objective import Eagle1Objective, Eagle3Objective, causal_mask
 
 PROMPTS = [[5, 17, 33, 2, 99, 41], [7, 7, 120, 64], [200, 3, 18, 250, 11, 90, 4]]
@@ -118,6 +119,50 @@ def test_ttt_step_reads_previous_step_output():
     for i in range(1, 4):
         assert seen[i] is produced[i - 1]
         assert not torch.allclose(seen[i], seen[0])
+
+
+def ttt_mask(n: int, step: int) -> torch.Tensor:
+    """[1, 1, n, (step + 1) n] additive: the training-time test's attention written as a mask -- causal over step
+    0's keys, then the diagonal of every later step's keys."""
+    causal, diagonal = torch.ones(n, n, dtype=torch.bool).tril(), torch.eye(n, dtype=torch.bool)
+    return additive_mask(torch.cat([causal] + [diagonal] * step, dim=-1), torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_ttt_attention_equals_the_masked_attention(arch):
+    """drafters.eagle.ttt_attention (one causal block + diagonal dot products) gives the outputs and gradients of
+    SDPA over all steps' keys with the [n, (s + 1) n] mask, over 4 unrolled steps (GQA: 4 heads, 2 kv heads)."""
+    target = make_tiny_target(arch)
+    drafter = EagleModel.from_target(target, version=3)
+    torch.manual_seed(0)
+    B, n, steps = 2, 9, 4
+    ids = torch.randint(3, target.config.vocab_size, (B, n + steps))
+    h0 = torch.randn(B, n, drafter.config.hidden)
+
+    def unroll(ttt: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        cache, h, outs = DynamicCache(), h0, []
+        for s in range(steps):
+            mask = causal_mask(n, torch.float32, "cpu") if ttt else ttt_mask(n, s)
+            h = drafter(ids[:, s:s + n], h, (torch.arange(n) + s)[None].expand(B, n), mask, cache, ttt=ttt)
+            outs.append(h)
+        out = torch.stack(outs)                                           # [steps, B, n, H]
+        return out, torch.autograd.grad(out.sin().sum(), list(drafter.midlayer.parameters()))
+
+    masked, masked_grads = unroll(ttt=False)
+    direct, direct_grads = unroll(ttt=True)
+    torch.testing.assert_close(direct, masked, atol=1e-5, rtol=1e-5)
+    for a, b in zip(direct_grads, masked_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(direct[-1], unroll_without_diagonal(drafter, ids, h0, n, steps), atol=1e-3)
+
+
+def unroll_without_diagonal(drafter, ids, h0, n, steps) -> torch.Tensor:
+    """The last step's output when every step attends to step 0's keys only (a wrong TTT): the test's control."""
+    h = h0
+    for s in range(steps):
+        h = drafter(ids[:, s:s + n], h, (torch.arange(n) + s)[None].expand(len(ids), n),
+                    causal_mask(n, torch.float32, "cpu"), DynamicCache())
+    return h
 
 
 def test_ttt_equals_drafting_after_a_verified_prefix():

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 from conftest import make_tiny_target
 from tiny_assets import write_conversations, write_tiny_target
 
@@ -34,15 +35,23 @@ def test_records_follow_the_input_turn_by_turn(assets, reference):
     temperature, data = reference
     records = [json.loads(line) for line in data.decode().splitlines()]
     originals, _ = load_conversations(source)
-    assert [r["id"] for r in records] == [c.id for c in originals]
-    for record, original in zip(records, originals):
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    lengths = {c.id: len(tokenizer.apply_chat_template(c.messages[:1], add_generation_prompt=True, return_dict=False))
+               for c in originals}
+    assert sorted(r["id"] for r in records) == sorted(lengths)                 # every record, once
+    assert [lengths[r["id"]] for r in records] == sorted(lengths.values())     # shortest first prompt first
+    assert len(set(lengths.values())) > 2                                      # (the order is not vacuous)
+    originals = {c.id: c for c in originals}
+    for record in records:
+        original = originals[record["id"]]
         roles = [m["role"] for m in record["messages"]]
         assert roles == [m["role"] for m in original.messages]
         assert [m["content"] for m in record["messages"] if m["role"] == "user"] == \
                [m["content"] for m in original.messages if m["role"] == "user"]
         assert len(record["finish_reasons"]) == roles.count("assistant")
         assert record["provenance"] == {"target": target, "max_new_tokens": 6, "temperature": temperature,
-                                        "seed": 3, "source": source, "dtype": "float32", "batch_size": 3}
+                                        "seed": 3, "source": source, "dtype": "float32", "batch_size": 3,
+                                        "order": "prompt_length"}
 
 
 
@@ -99,7 +108,7 @@ def test_resume_with_other_settings_is_refused(assets, reference, tmp_path):
     temperature, expected = reference
     out = tmp_path / "out.jsonl"
     out.write_bytes(expected.splitlines(keepends=True)[0])
-    with pytest.raises(ValueError, match=r"out.jsonl:1 \(id 'tiny-0'\) was generated with other settings "
+    with pytest.raises(ValueError, match=r"out.jsonl:1 \(id 'tiny-6'\) was generated with other settings "
                                          r"\{'max_new_tokens': \{'file': 6, 'now': 7\}\}"):
         regenerate(target, source, str(out), temperature=temperature, **{**SETTINGS, "max_new_tokens": 7})
     out.write_bytes(b"not json\n")

@@ -11,7 +11,7 @@ EAGLE-3 (Li et al., 2025), training-time test: the drafter is unrolled `steps` t
 Step 0 reads the fused target features; step i >= 1 reads the drafter's own step i-1 output at the same anchor j,
 with token x_{j+1+i}, at position j + i, and predicts x_{j+2+i}. Step i's query at anchor j attends to step 0's
 keys at anchors <= j and to the keys of steps 1..i at anchor j only -- exactly what it sees when drafting i
-tokens past a verified prefix ending at j. Loss of step i: soft-label CE to the target's distribution over the
+tokens past a verified prefix ending at j (computed without an [n, (i + 1) n] mask: drafters.eagle.ttt_attention). Loss of step i: soft-label CE to the target's distribution over the
 draft vocabulary (the target's logits at the draft ids, renormalised), weighted decay**i. A position whose target
 greedy token has no draft id cannot be drafted right; it is left out of loss and accuracy and counted apart.
 """
@@ -31,14 +31,6 @@ from train.objectives import LM_HEAD_CHUNK, next_token_supervised
 def causal_mask(T: int, dtype: torch.dtype, device) -> torch.Tensor:
     """[1, 1, T, T] additive: position t attends to positions <= t."""
     return additive_mask(torch.ones(T, T, dtype=torch.bool, device=device).tril(), dtype)
-
-
-def ttt_mask(T: int, step: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """[1, 1, T, (step + 1) T] additive mask of training-time-test step `step`: causal over step 0's keys, then
-    the diagonal of every later step's keys (anchor j sees its own drafted positions only)."""
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    diagonal = torch.eye(T, dtype=torch.bool, device=device)
-    return additive_mask(torch.cat([causal] + [diagonal] * step, dim=-1), dtype)
 
 
 def supervised_pairs(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -154,13 +146,13 @@ class Eagle3Objective(nn.Module):
         pad = input_ids.new_zeros(B, self.steps)
         tokens = torch.cat([input_ids, pad], dim=1)                                     # x_{j+1+i} for every i
         rows = torch.cat([row, row.new_full((B, self.steps), -1)], dim=1)
-        cache = DynamicCache()
+        cache, causal = DynamicCache(), causal_mask(n, dtype, device)
         loss = 0.0
         stats = torch.zeros(self.steps, 3, dtype=torch.float64)
         for i in range(self.steps):
             # 1. step i's inputs at anchor j: token x_{j+1+i}, hidden = step i-1's output (step 0: fused features)
             pos = (torch.arange(n, device=device) + i)[None].expand(B, n)
-            out = d(tokens[:, 1 + i:1 + i + n], h, pos, ttt_mask(n, i, dtype, device), cache)  # [B, n, H]
+            out = d(tokens[:, 1 + i:1 + i + n], h, pos, causal, cache, ttt=True)  # [B, n, H], ttt_mask's attention
             # 2. supervised where the target's next-token distribution at position j+1+i was kept
             r = rows[:, 1 + i:1 + i + n]                                                # [B, n]
             valid = r >= 0
