@@ -14,8 +14,8 @@ prompt first (batches of similar lengths waste little padding), not in input ord
 Resumable: records are appended and fsync'ed one batch at a time. A rerun with the same arguments reads back the
 complete lines, drops a trailing partial line (a crash mid-write), skips the ids already written, and refuses to
 continue a file written with different settings. Resumed == uninterrupted, byte for byte: batches are fixed
-slices of the length-sorted input (a batch that was cut short is regenerated whole, its missing records written), and sampling
-draws each (record, turn) from its own generator seeded from (seed, record id, turn).
+slices of the length-sorted input (a batch that was cut short is regenerated whole, its missing records
+written), and sampling draws each (record, turn) from its own generator seeded from (seed, record id, turn).
 """
 from __future__ import annotations
 

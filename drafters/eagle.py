@@ -76,8 +76,9 @@ def ttt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     sees step 0's keys through `attention_mask` (causal) and, of every later step's keys, only those at anchor j.
     query [B, h, n, D]; key, value [B, kv, (s + 1) n, D] (block b = step b's keys at anchors 0..n-1);
     attention_mask [B or 1, 1, n, n] additive over block 0. Returns [B, n, h, D]. Equal to attention over all
-    (s + 1) n keys with `train.eagle_objective.ttt_mask`, at the cost of one block plus s dot products a query
-    (the masked form costs s + 1 blocks: 4x the scores at the default 7 steps, summed over the steps)."""
+    (s + 1) n keys with the mask [causal | diagonal x s] (tests/test_eagle.py compares the two), at the cost of
+    one block plus s dot products a query (the masked form costs s + 1 blocks: 4x the scores at the default 7
+    steps, summed over the steps)."""
     B, h, n, D = query.shape
     kv = key.shape[1]
     q = query.view(B, kv, h // kv, n, D) * scaling                              # [B, kv, g, n, D]

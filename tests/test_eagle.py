@@ -139,30 +139,26 @@ def test_ttt_attention_equals_the_masked_attention(arch):
     ids = torch.randint(3, target.config.vocab_size, (B, n + steps))
     h0 = torch.randn(B, n, drafter.config.hidden)
 
-    def unroll(ttt: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def unroll(mode: str) -> torch.Tensor:
+        """[steps, B, n, H]. 'direct': ttt_attention; 'masked': SDPA with ttt_mask; 'no_diagonal': every step
+        attends to step 0's keys only (a wrong TTT, the control)."""
         cache, h, outs = DynamicCache(), h0, []
         for s in range(steps):
-            mask = causal_mask(n, torch.float32, "cpu") if ttt else ttt_mask(n, s)
-            h = drafter(ids[:, s:s + n], h, (torch.arange(n) + s)[None].expand(B, n), mask, cache, ttt=ttt)
+            mask = ttt_mask(n, s) if mode == "masked" else causal_mask(n, torch.float32, "cpu")
+            step_cache = DynamicCache() if mode == "no_diagonal" else cache
+            h = drafter(ids[:, s:s + n], h, (torch.arange(n) + s)[None].expand(B, n), mask, step_cache,
+                        ttt=mode == "direct")
             outs.append(h)
-        out = torch.stack(outs)                                           # [steps, B, n, H]
-        return out, torch.autograd.grad(out.sin().sum(), list(drafter.midlayer.parameters()))
+        return torch.stack(outs)
 
-    masked, masked_grads = unroll(ttt=False)
-    direct, direct_grads = unroll(ttt=True)
+    def grads(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(out.sin().sum(), list(drafter.midlayer.parameters()))
+
+    masked, direct = unroll("masked"), unroll("direct")
     torch.testing.assert_close(direct, masked, atol=1e-5, rtol=1e-5)
-    for a, b in zip(direct_grads, masked_grads):
+    for a, b in zip(grads(direct), grads(masked)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(direct[-1], unroll_without_diagonal(drafter, ids, h0, n, steps), atol=1e-3)
-
-
-def unroll_without_diagonal(drafter, ids, h0, n, steps) -> torch.Tensor:
-    """The last step's output when every step attends to step 0's keys only (a wrong TTT): the test's control."""
-    h = h0
-    for s in range(steps):
-        h = drafter(ids[:, s:s + n], h, (torch.arange(n) + s)[None].expand(len(ids), n),
-                    causal_mask(n, torch.float32, "cpu"), DynamicCache())
-    return h
+    assert not torch.allclose(direct[-1], unroll("no_diagonal")[-1], atol=1e-3)
 
 
 def test_ttt_equals_drafting_after_a_verified_prefix():
