@@ -115,10 +115,11 @@ def draft_cost_ratio(target: PreTrainedModel, proposer, context_len: int = 256, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the target's verify latency per node count, with torch's default and oneDNN-packed linear layers."""
+    """Print the target's verify latency per node count, with torch's defaults and with draftsmith's CPU inference
+    (oneDNN-packed linear layers, grouped-query attention without KV copies)."""
     import argparse
 
-    from .packing import packed_linears
+    from .packing import grouped_query_attention, packed_linears
     from .target import load_target
 
     p = argparse.ArgumentParser(description="Time one verify forward of the target for several tree sizes.")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     target, _ = load_target(args.target, dtype=args.dtype)
     default = verify_latency(target, context_len=args.context_len, repeats=args.repeats)
-    with packed_linears(target) as n:
+    with packed_linears(target) as n, grouped_query_attention(target):
         packed = verify_latency(target, context_len=args.context_len, repeats=args.repeats) if n else {}
     print(f"{'nodes':>5} {'default ms':>11} {'packed ms':>10}   (best of {args.repeats}, "
           f"{args.context_len}-token context, {torch.get_num_threads()} threads)")

@@ -39,7 +39,7 @@ from .calibrate import NODE_COUNTS, choose_tree, draft_cost_ratio, proposer_seco
 from .draft_lm_proposer import DraftLMProposer
 from .eagle_proposer import EagleProposer
 from .metrics import Tally
-from .packing import packed_linears
+from .packing import grouped_query_attention, packed_linears
 from .proposers import MedusaProposer
 from .speculative import Acceptance, GenerationResult, plain_generate, speculative_generate
 from .target import load_target, stop_tokens
@@ -187,7 +187,8 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                      full_draft_vocab: bool = False, compare_hf: bool = False, seed: int = 0, progress: bool = True,
                      pack: bool = True, tree_depth: int = 5, tree_topk: int = 4, typical: bool = False) -> dict:
     """Run the evaluation and return the report (see the module docstring). pack: on CPU, run target and
-    drafter with oneDNN-prepacked linear layers (inference.packing), both for plain and speculative decoding.
+    drafter with oneDNN-prepacked linear layers and the target with grouped-query attention that does not copy its
+    KV cache (inference.packing), both for plain and speculative decoding.
     compare_hf (draft LMs): also time transformers' assisted generation with the same draft."""
     if check_lossless and temperature != 0:
         raise ValueError("--check-lossless compares against greedy decoding: use --temperature 0")
@@ -202,14 +203,16 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     qs = load_questions(questions, per_category=per_category, limit=limit)
     options = dict(tree=tree, max_tree_nodes=max_tree_nodes, draft_k=draft_k, adaptive_k=adaptive_k,
                    full_draft_vocab=full_draft_vocab, tree_depth=tree_depth, tree_topk=tree_topk)
-    with packed_linears(target, enabled=pack) as packed, packed_linears(drafter, enabled=pack) as packed_drafter:
+    with packed_linears(target, enabled=pack) as packed, packed_linears(drafter, enabled=pack) as packed_drafter, \
+            grouped_query_attention(target, enabled=pack) as grouped:
         if kind in ("medusa", "eagle"):
             drafter.attach_target(target)  # a drafter borrowing the target's LM head gets the packed one here ...
         report = _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check_lossless, options,
                            compare_hf, seed, progress, typical)
     if kind in ("medusa", "eagle"):
         drafter.attach_target(target)  # ... and the plain one again after
-    report["setup"].update(questions=questions, packed_linear_layers=packed + packed_drafter)
+    report["setup"].update(questions=questions, packed_linear_layers=packed + packed_drafter,
+                           grouped_query_attention=grouped)
     return report
 
 
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-pack", action="store_true", help="CPU: keep torch's default linear layers (no oneDNN "
-                   "prepacking) for target and drafter")
+                   "prepacking) and transformers' SDPA attention for target and drafter")
     args = p.parse_args(argv)
     if args.check_lossless and args.temperature != 0:
         p.error("--check-lossless compares against greedy decoding: use --temperature 0")

@@ -1,4 +1,5 @@
-"""Faster CPU inference for frozen models: linear layers with weights prepacked for oneDNN.
+"""Faster CPU inference for frozen models: linear layers with weights prepacked for oneDNN, and grouped-query
+attention without copies of the KV cache.
 
 Decoding a small model on a CPU is bound by the linear layers. torch's default CPU GEMM (MKL) is slow for the
 few-row inputs of speculative decoding: on the 2-core AMD machines draftsmith is tested on, SmolLM2's 49k-vocab
@@ -7,7 +8,7 @@ LM head took 12 ms for one row and 36 ms for 8, while oneDNN with a prepacked we
 which is what speculative decoding needs. Baseline and speculative decoding run the same packed model, so
 speedups stay like-for-like.
 
-    with packed_linears(target), packed_linears(drafter):
+    with packed_linears(target), packed_linears(drafter), grouped_query_attention(target):
         ...  # inference only: no autograd through packed layers
 
 Packing is skipped (and the context does nothing) off-CPU or without oneDNN. Packed layers refuse to run with
@@ -20,6 +21,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 BATCH_HINT = 4  # rows the packed layout is tuned for: a verify forward of a few tree nodes
 
@@ -72,3 +76,41 @@ def packed_linears(model: nn.Module, batch_hint: int = BATCH_HINT, enabled: bool
     finally:
         for parent, name, child in reversed(swapped):
             setattr(parent, name, child)
+
+
+GROUPED_SDPA = "draftsmith_grouped_sdpa"
+
+
+def grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers' SDPA attention, except for masked multi-token queries (tree verification) of a
+    grouped-query model: there transformers copies every key/value head for each of its query heads (the whole KV
+    cache, per layer, per verify forward); here the kernel shares them (`enable_gqa`). Same outputs.
+
+    query [B, heads, N, d], key/value [B, kv_heads, T, d], attention_mask [B, 1, N, T] -> ([B, N, heads, d], None)."""
+    if (attention_mask is None or query.shape[2] == 1 or getattr(module, "num_key_value_groups", 1) == 1
+            or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
+AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)  # masks are built exactly as for "sdpa"
+
+
+@contextlib.contextmanager
+def grouped_query_attention(model: PreTrainedModel, enabled: bool = True):
+    """Run a CPU model that uses transformers' SDPA attention with `grouped_sdpa` inside the block; restore after.
+    Off-CPU nothing changes (there, SDPA with a mask and enable_gqa falls back to its slowest kernel). Yields
+    whether the attention was swapped."""
+    before = model.config._attn_implementation
+    swap = enabled and before == "sdpa" and model.device.type == "cpu"
+    if swap:
+        model.set_attn_implementation(GROUPED_SDPA)
+    try:
+        yield swap
+    finally:
+        if swap:
+            model.set_attn_implementation(before)

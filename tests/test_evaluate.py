@@ -104,3 +104,18 @@ def test_vocab_cli_adds_a_frequent_token_set_that_the_evaluation_uses(saved, tmp
           "--output", str(out), "--max-new-tokens", "16", "--check-lossless", "--tree", "chain"])
     report = json.loads(out.read_text())
     assert report["setup"]["proposer"]["draft_vocab"] == 50 and report["lossless"]["mismatches"] == 0
+
+
+def test_attention_benchmark_decodes_identically_with_both_attentions(saved, capsys):
+    from inference.bench_attention import main as bench_main
+
+    bench_main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
+                "--limit", "3", "--max-new-tokens", "12", "--rounds", "2", "--tree", "[[0],[1],[0,0]]"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("verify forward, 6 nodes on a 300-token cache, median of 2: sdpa ")
+    assert lines[1] == "tree (rank paths): [[0], [1], [0, 0]]"
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert list(rows) == ["plain", "sdpa", "grouped"]
+    assert rows["plain"][:4] == ["36", "tokens,", "36", "target"]  # 3 questions x 12 tokens
+    assert rows["sdpa"][0] == rows["grouped"][0] == "36" and rows["sdpa"][2] == rows["grouped"][2]
+    assert int(rows["sdpa"][2]) < 36  # fewer target forwards than tokens: drafts were accepted

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from drafters import MedusaModel
-from inference.packing import PackedLinear, can_pack, packed_linears
+from inference.packing import PackedLinear, can_pack, grouped_query_attention, grouped_sdpa, packed_linears
 from inference.proposers import MedusaProposer
 from inference.speculative import plain_generate, speculative_generate
 from conftest import make_tiny_target
@@ -53,10 +53,31 @@ def test_speculative_decoding_on_packed_target_is_lossless(arch):
             p.normal_(0, 0.05)
     prompt = torch.tensor([5, 17, 99, 3, 42, 7])
     plain_ref = plain_generate(target, prompt, 40, eos={2}).tokens
-    with packed_linears(target), packed_linears(drafter):
+    with packed_linears(target), packed_linears(drafter), grouped_query_attention(target) as swapped:
+        assert swapped and target.config._attn_implementation == "draftsmith_grouped_sdpa"
         drafter.attach_target(target)
         paths = [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
         spec = speculative_generate(target, MedusaProposer(drafter, paths), prompt, 40, eos={2})
         plain = plain_generate(target, prompt, 40, eos={2})
+    assert target.config._attn_implementation == "sdpa"
     assert spec.tokens == plain.tokens == plain_ref
     assert len(spec.tokens) == 40 and spec.forwards < plain.forwards
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_grouped_sdpa_equals_transformers_sdpa_on_a_tree_mask(arch):
+    """Masked multi-token queries of a grouped-query layer (2 key/value heads for 4 query heads): the kernel's
+    enable_gqa gives transformers' repeat-the-cache result; one-token queries take transformers' own path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    layer = make_tiny_target(arch).model.layers[0].self_attn
+    assert layer.num_key_value_groups == 2
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 5):
+        query, key, value = (torch.randn(1, h, t, 16, generator=gen) for h, t in ((4, n), (2, 20 + n), (2, 20 + n)))
+        allowed = torch.rand(1, 1, n, 20 + n, generator=gen) < 0.7
+        allowed[..., 0] = True
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+        ours, _ = grouped_sdpa(layer, query, key, value, mask, scaling=0.25)
+        reference, _ = sdpa_attention_forward(layer, query, key, value, mask, scaling=0.25)
+        assert ours.shape == (1, n, 4, 16)
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
