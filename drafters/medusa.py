@@ -119,9 +119,10 @@ class MedusaModel(PreTrainedModel):
         if self.config.share_lm_head:
             self._target_lm_head[:] = [target.get_output_embeddings()]
 
-    def head_states(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
-        """hidden_states [..., H] -> K tensors [..., H], the inputs of each head's LM head."""
-        return [blocks(hidden_states) for blocks in self.blocks]
+    def head_states(self, hidden_states: torch.Tensor, heads: int | None = None) -> list[torch.Tensor]:
+        """hidden_states [..., H] -> tensors [..., H] of the first `heads` heads (default: all K), the inputs of
+        their LM heads."""
+        return [blocks(hidden_states) for blocks in self.blocks[:heads]]
 
     def head_logits(self, k: int, state: torch.Tensor) -> torch.Tensor:
         """state [..., H] -> logits [..., V] of head k."""

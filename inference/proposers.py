@@ -51,7 +51,7 @@ class MedusaProposer:
 
     @torch.no_grad()
     def propose(self, root: int) -> TokenTree:
-        states = self.drafter.head_states(self.hidden)[:self.depth]       # depth x [H]
+        states = self.drafter.head_states(self.hidden, self.depth)       # depth x [H]
         if self.vocab is None:
             top = [self.drafter.head_logits(d, s).topk(k).indices for d, (s, k) in enumerate(zip(states, self.topk))]
         else:

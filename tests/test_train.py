@@ -277,3 +277,12 @@ def test_two_rank_resume_matches_uninterrupted_run(two_rank_run):
     a, b = load_drafter(str(out / "drafter")), load_drafter(str(split / "drafter"))
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_metrics_count_the_positions_the_loss_covers():
+    """supervised_tokens_per_s counts the objective's positions (here 10: e.g. a draft LM distilled at every
+    token), not the batch's assistant tokens (3)."""
+    window = trainer.Window(num_heads=1)
+    batch = {"attention_mask": torch.ones(1, 12), "loss_mask": torch.tensor([[0.0] * 9 + [1.0] * 3])}
+    window.add(torch.tensor(2.0), torch.tensor([[20.0, 4.0, 10.0]]), batch)
+    assert (window.tokens, window.supervised, window.heads.tolist()) == (12.0, 10.0, [[20.0, 4.0, 10.0]])

@@ -321,7 +321,9 @@ class Window:
         self.loss += loss.item()
         self.micro += 1
         self.tokens += float(batch["attention_mask"].sum())
-        self.supervised += float(batch["loss_mask"].sum())
+        # the positions the loss covers (its first head or step): the objective's choice, e.g. every real token
+        # for a draft LM with positions: all
+        self.supervised += float(head_stats[0, 2])
         self.slots += batch["attention_mask"].numel()
         self.heads += head_stats.detach().double().cpu()
 
