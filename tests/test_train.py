@@ -285,4 +285,10 @@ def test_metrics_count_the_positions_the_loss_covers():
     window = trainer.Window(num_heads=1)
     batch = {"attention_mask": torch.ones(1, 12), "loss_mask": torch.tensor([[0.0] * 9 + [1.0] * 3])}
     window.add(torch.tensor(2.0), torch.tensor([[20.0, 4.0, 10.0]]), batch)
-    assert (window.tokens, window.supervised, window.heads.tolist()) == (12.0, 10.0, [[20.0, 4.0, 10.0]])
+    d = trainer.init_distributed()  # a one-rank gloo group: row() all-reduces over ranks
+    try:
+        row = window.row(d)
+    finally:
+        trainer.shutdown_distributed()
+    assert (row["loss"], row["head_loss"], row["head_acc"], row["padding_fraction"]) == (2.0, [2.0], [0.4], 0.0)
+    assert row["supervised_tokens_per_s"] / row["tokens_per_s"] == pytest.approx(10 / 12, rel=1e-12)

@@ -313,7 +313,7 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.loss = self.micro = self.tokens = self.supervised = self.slots = 0.0
+        self.loss = self.micro = self.tokens = self.slots = 0.0
         self.heads = torch.zeros(self.num_heads, 3, dtype=torch.float64)
         self.start = time.perf_counter()
 
@@ -321,18 +321,15 @@ class Window:
         self.loss += loss.item()
         self.micro += 1
         self.tokens += float(batch["attention_mask"].sum())
-        # the positions the loss covers (its first head or step): the objective's choice, e.g. every real token
-        # for a draft LM with positions: all
-        self.supervised += float(head_stats[0, 2])
         self.slots += batch["attention_mask"].numel()
         self.heads += head_stats.detach().double().cpu()
 
     def row(self, d: Dist) -> dict:
         """Metrics over all ranks: mean micro-batch loss, per-head CE and top-1 accuracy, throughput."""
-        local = torch.tensor([self.loss, self.micro, self.tokens, self.supervised, self.slots], dtype=torch.float64)
+        local = torch.tensor([self.loss, self.micro, self.tokens, self.slots], dtype=torch.float64)
         total = all_reduce_sum(torch.cat([local, self.heads.flatten()]), d.device)
-        loss, micro, tokens, supervised, slots = total[:5].tolist()
-        heads = total[5:].view(self.num_heads, 3)
+        loss, micro, tokens, slots = total[:4].tolist()
+        heads = total[4:].view(self.num_heads, 3)  # per head: loss sum, right, positions
         count = heads[:, 2].clamp(min=1)
         seconds = max(time.perf_counter() - self.start, 1e-9)
         self.reset()
@@ -341,6 +338,8 @@ class Window:
             "head_loss": (heads[:, 0] / count).tolist(),
             "head_acc": (heads[:, 1] / count).tolist(),
             "tokens_per_s": tokens / seconds,
-            "supervised_tokens_per_s": supervised / seconds,
+            # the positions the loss covers (its first head or step): the objective's choice, e.g. every real
+            # token for a draft LM with positions: all
+            "supervised_tokens_per_s": float(heads[0, 2]) / seconds,
             "padding_fraction": 1 - tokens / max(slots, 1),
         }
