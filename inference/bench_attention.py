@@ -16,37 +16,28 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache
 
 from data.questions import load_questions
 from drafters import load_drafter
 
+from .calibrate import star_verify_steps
 from .evaluate import answer, make_proposer
 from .packing import grouped_query_attention, packed_linears
 from .speculative import plain_generate, speculative_generate
-from .target import load_target, stop_tokens, target_forward
-from .tree import TokenTree, tree_attention_mask
+from .target import load_target, stop_tokens
 
 
 @torch.no_grad()
 def verify_forward_ms(target, nodes: int, context_len: int, rounds: int) -> dict[str, float]:
     """Median ms of one verify forward (logits at every node) of a star tree, per attention."""
-    gen = torch.Generator().manual_seed(0)
-    vocab = target.config.get_text_config().vocab_size
-    cache = DynamicCache(config=target.config)
-    target_forward(target, torch.randint(vocab, (1, context_len), generator=gen), past_key_values=cache, logits_at=1)
-    tree = TokenTree(torch.randint(vocab, (nodes,), generator=gen), [-1] + [0] * (nodes - 1))
-    mask = tree_attention_mask(tree, context_len, target.dtype)
-    positions = (context_len + torch.tensor(tree.depths()))[None]
+    step = star_verify_steps(target, [nodes], context_len)[nodes]
     times: dict[str, list[float]] = {"sdpa": [], "grouped": []}
     for _ in range(rounds + 1):  # the first round warms up
         for name in times:
             with grouped_query_attention(target, enabled=name == "grouped"):
                 start = time.perf_counter()
-                target_forward(target, tree.tokens[None], past_key_values=cache, position_ids=positions,
-                               attention_mask=mask)
+                step()
                 times[name].append(time.perf_counter() - start)
-            cache.crop(-nodes)
     return {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}
 
 

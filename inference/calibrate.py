@@ -10,6 +10,7 @@ each candidate tree, and keep the tree that maximises expected tokens per second
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,27 +36,35 @@ def _best_seconds(fn, repeats: int) -> float:
     return min(times)  # interference only ever adds time: the fastest repeat is the cost
 
 
-@torch.no_grad()
-def verify_latency(target: PreTrainedModel, node_counts=NODE_COUNTS, context_len: int = 256,
-                   repeats: int = 5) -> dict[int, float]:
-    """Seconds (best of `repeats`) of one target forward of n tree nodes on top of a context_len-token KV cache."""
+def star_verify_steps(target: PreTrainedModel, node_counts, context_len: int = 256) -> dict[int, Callable[[], None]]:
+    """For each n of node_counts, a function that runs one target forward of an n-node tree (a star: root + n - 1
+    children) on top of a context_len-token KV cache of random tokens, then crops the cache back."""
     vocab = target.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(0)
     context = torch.randint(vocab, (1, context_len), generator=gen).to(target.device)
     cache = DynamicCache(config=target.config)
-    target_forward(target, context, past_key_values=cache, logits_at=1)
+    with torch.no_grad():
+        target_forward(target, context, past_key_values=cache, logits_at=1)
     dtype = target.get_output_embeddings().weight.dtype
-    latency = {}
+    steps = {}
     for n in node_counts:
-        tree = TokenTree(torch.randint(vocab, (n,), generator=gen), [-1] + [0] * (n - 1))  # a star: depth <= 1
-        tokens, mask = tree.tokens.to(target.device)[None], tree_attention_mask(tree, context_len, dtype).to(target.device)
+        tree = TokenTree(torch.randint(vocab, (n,), generator=gen), [-1] + [0] * (n - 1))
+        tokens = tree.tokens.to(target.device)[None]
+        mask = tree_attention_mask(tree, context_len, dtype).to(target.device)
         positions = (context_len + torch.tensor(tree.depths(), device=target.device))[None]
 
-        def step():
+        def step(tokens=tokens, mask=mask, positions=positions, n=n):
             target_forward(target, tokens, past_key_values=cache, position_ids=positions, attention_mask=mask)
             cache.crop(-n)  # transformers 5: a negative count removes that many tokens
-        latency[n] = _best_seconds(step, repeats)
-    return latency
+        steps[n] = step
+    return steps
+
+
+@torch.no_grad()
+def verify_latency(target: PreTrainedModel, node_counts=NODE_COUNTS, context_len: int = 256,
+                   repeats: int = 5) -> dict[int, float]:
+    """Seconds (best of `repeats`) of one target forward of n tree nodes on top of a context_len-token KV cache."""
+    return {n: _best_seconds(step, repeats) for n, step in star_verify_steps(target, node_counts, context_len).items()}
 
 
 @dataclass
