@@ -23,9 +23,12 @@ from .tree import TokenTree, expected_accept_lengths, grow_tree, tree_attention_
 NODE_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def run_seconds(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of fn after `warmup` untimed ones, the GPU (if any) synchronised
+    around each so its queued work is counted."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn()  # warm-up
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         sync()
@@ -33,7 +36,11 @@ def _best_seconds(fn, repeats: int) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return min(times)  # interference only ever adds time: the fastest repeat is the cost
+    return times
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    return min(run_seconds(fn, repeats))  # interference only ever adds time: the fastest repeat is the cost
 
 
 def star_verify_steps(target: PreTrainedModel, node_counts, context_len: int = 256) -> dict[int, Callable[[], None]]:

@@ -292,3 +292,23 @@ def test_metrics_count_the_positions_the_loss_covers():
         trainer.shutdown_distributed()
     assert (row["loss"], row["head_loss"], row["head_acc"], row["padding_fraction"]) == (2.0, [2.0], [0.4], 0.0)
     assert row["supervised_tokens_per_s"] / row["tokens_per_s"] == pytest.approx(10 / 12, rel=1e-12)
+
+
+def test_bench_step_measures_every_drafter_at_a_shape(tmp_path):
+    """train.bench_step on the tiny shape: one row per drafter kind, each training step moved the drafter's
+    weights, the ratio is step / target forward, and the JSON holds the printed rows; bad arguments are refused."""
+    from train import bench_step
+
+    out = tmp_path / "rows.json"
+    rows = bench_step.main(["--shape", "tiny", "--batch-size", "2", "--seq-len", "32", "--dtype", "float32",
+                            "--warmup", "0", "--repeats", "1", "--ttt-steps", "2", "--output", str(out)])
+    assert [r["drafter"] for r in rows] == list(bench_step.DRAFTERS)
+    for r in rows:
+        assert r["first_param_changed"], r["drafter"]
+        assert r["ratio"] == pytest.approx(r["train_step_s"] / r["target_forward_s"])
+        assert r["trainable_params"] > 0
+    assert json.loads(out.read_text()) == rows
+    with pytest.raises(ValueError, match="--shape 'huge'"):
+        bench_step.main(["--shape", "huge"])
+    with pytest.raises(SystemExit):
+        bench_step.main(["--shape", "tiny", "--drafters", "medusa,hydra"])

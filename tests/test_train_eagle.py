@@ -68,3 +68,15 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(config, ["eval.tree_depth=0"])
     with pytest.raises(SystemExit, match="train/train_draft_lm.py"):
         main(["--config", str(REPO / "configs" / "draft_lm_tiny.yaml"), f"output_dir={tmp_path}"])
+
+
+def test_step_time_reports_the_ratio_on_the_tiny_config(assets, tmp_path, capsys):
+    """python -m train.step_time runs the config's real recipe and prints per-batch times and their ratio."""
+    from train import step_time
+
+    overrides = [o for o in tiny_overrides(assets, tmp_path / "unused") if not o.startswith("output_dir=")]
+    step_time.main(["--config", str(REPO / "configs" / "eagle3_tiny.yaml"), "--batches", "2", "--repeats", "1",
+                    *overrides, "drafter.ttt_steps=2"])
+    out = capsys.readouterr().out
+    assert out.count("ratio") == 2
+    assert "eagle (" in out and "training step / target forward =" in out and "over 2 micro-batches" in out

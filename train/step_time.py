@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
 
 from train import recipe  # first: it sets DS_ACCELERATOR before anything imports deepspeed
+from inference.calibrate import run_seconds  # noqa: E402
 from inference.target import target_forward  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.train_heads import RECIPES  # noqa: E402
-
-
-def best_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
             train_step(batches[0])  # warm-up
             total_t = total_s = 0.0
             for b in batches[1:]:
-                t = best_seconds(lambda: target_only(b), args.repeats)
-                s = best_seconds(lambda: train_step(b), args.repeats)
+                t = min(run_seconds(lambda: target_only(b), args.repeats, warmup=0))
+                s = min(run_seconds(lambda: train_step(b), args.repeats, warmup=0))
                 total_t, total_s = total_t + t, total_s + s
                 print(f"batch {tuple(b['input_ids'].shape)}: target forward {t:.2f} s, training step {s:.2f} s, "
                       f"ratio {s / t:.2f}")
