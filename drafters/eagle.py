@@ -71,14 +71,22 @@ ATTENTION = "draftsmith_eagle"
 
 
 def ttt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,
-                  scaling: float) -> torch.Tensor:
-    """Attention of training-time-test step s without the mask over s + 1 key blocks: step s's query at anchor j
-    sees step 0's keys through `attention_mask` (causal) and, of every later step's keys, only those at anchor j.
+                  scaling: float, fused: bool | None = None) -> torch.Tensor:
+    """Attention of training-time-test step s: step s's query at anchor j sees step 0's keys through
+    `attention_mask` (causal) and, of every later step's keys, only those at anchor j.
     query [B, h, n, D]; key, value [B, kv, (s + 1) n, D] (block b = step b's keys at anchors 0..n-1);
-    attention_mask [B or 1, 1, n, n] additive over block 0. Returns [B, n, h, D]. Equal to attention over all
-    (s + 1) n keys with the mask [causal | diagonal x s] (tests/test_eagle.py compares the two), at the cost of
-    one block plus s dot products a query (the masked form costs s + 1 blocks: 4x the scores at the default 7
-    steps, summed over the steps)."""
+    attention_mask [B or 1, 1, n, n] additive over block 0. Returns [B, n, h, D].
+
+    Two exact forms (tests/test_eagle.py checks outputs and gradients of both against SDPA over all keys):
+    fused (default on CUDA): one SDPA over the (s + 1) n keys with the mask [causal | diagonal x s]; its GPU
+    kernel never materialises the scores: a faster and much smaller training step on an H200 (README, EAGLE
+    training cost).
+    unfused (default elsewhere): one causal block plus s dot products a query, with materialised scores: on CPU
+    the masked form would compute s + 1 blocks of scores (4x, summed over the default 7 steps)."""
+    if fused is None:
+        fused = query.device.type == "cuda"
+    if fused:
+        return _ttt_attention_fused(query, key, value, attention_mask, scaling)
     B, h, n, D = query.shape
     kv = key.shape[1]
     q = query.view(B, kv, h // kv, n, D) * scaling                              # [B, kv, g, n, D]
@@ -90,6 +98,19 @@ def ttt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     w = torch.softmax(torch.cat([scores, diag], dim=-1).float(), dim=-1).to(query.dtype)
     out = w[..., :n] @ v0 + torch.einsum("bkgns,bksnd->bkgnd", w[..., n:], vd)  # [B, kv, g, n, D]
     return out.reshape(B, h, n, D).transpose(1, 2)
+
+
+def _ttt_attention_fused(query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """ttt_attention as one SDPA call over all (s + 1) n keys (shapes there)."""
+    B, h, n, D = query.shape
+    kv, s = key.shape[1], key.shape[2] // n - 1
+    off = ~torch.eye(n, dtype=torch.bool, device=query.device)
+    diagonal = torch.zeros(n, n, dtype=query.dtype, device=query.device).masked_fill_(off, torch.finfo(query.dtype).min)
+    block0 = attention_mask.to(query.dtype)                                     # [B or 1, 1, n, n]
+    mask = torch.cat([block0, *[diagonal.expand_as(block0)] * s], dim=-1)      # [B or 1, 1, n, (s + 1) n]
+    k, v = key.repeat_interleave(h // kv, dim=1), value.repeat_interleave(h // kv, dim=1)  # [B, h, (s + 1) n, D]
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)                                                  # [B, n, h, D]
 
 
 def eagle_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,

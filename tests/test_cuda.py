@@ -3,13 +3,16 @@ import pytest
 import torch
 
 from conftest import make_tiny_target
-from drafters import MedusaModel
+import copy
+
+from drafters import EagleModel, MedusaModel
 from inference.evaluate import evaluate_drafter
 from inference.proposers import MedusaProposer
 from inference.speculative import speculative_generate
 from inference.target import load_target
 from inference.tree import grow_tree
 from tiny_assets import write_questions, write_tiny_target
+from train.eagle_objective import Eagle3Objective
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -40,3 +43,25 @@ def test_evaluation_runs_on_cuda(tmp_path):
                               max_new_tokens=16, check_lossless=True, max_tree_nodes=8, progress=False)
     assert report["lossless"] == {"checked": 5, "mismatches": 0}
     assert report["setup"]["device"].startswith("cuda")
+
+
+def test_eagle3_objective_on_cuda_matches_cpu():
+    """The training-time test on CUDA (fused attention) gives the CPU's loss and gradients (unfused), fp32."""
+    target = make_tiny_target("llama")
+    drafter = EagleModel.from_target(target, version=3)
+    ids = torch.randint(3, target.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss_mask = torch.ones_like(ids)
+    loss_mask[:, :8] = 0
+    results = []
+    for device in ("cpu", "cuda"):
+        t, d = copy.deepcopy(target).to(device), copy.deepcopy(drafter).to(device)
+        d.attach_target(t)  # the drafter borrows the target's embedding; it does not move with .to()
+        loss, stats = Eagle3Objective(d, t, steps=4)(ids.to(device), torch.ones_like(ids).to(device),
+                                                     loss_mask.to(device))
+        loss.backward()
+        results.append((loss.detach().cpu(), stats, [p.grad.cpu() for p in d.parameters() if p.requires_grad]))
+    (cpu_loss, cpu_stats, cpu_grads), (gpu_loss, gpu_stats, gpu_grads) = results
+    torch.testing.assert_close(gpu_loss, cpu_loss, atol=1e-5, rtol=1e-4)
+    assert torch.equal(gpu_stats[:, 2], cpu_stats[:, 2])
+    for a, b in zip(gpu_grads, cpu_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

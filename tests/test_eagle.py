@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from conftest import make_tiny_target
 from drafters import EagleModel, load_drafter
-from drafters.eagle import default_feature_layers
+from drafters.eagle import default_feature_layers, ttt_attention
 from inference.eagle_proposer import EagleProposer
 from inference.speculative import plain_generate, speculative_generate
 from inference.target import target_forward
@@ -126,6 +126,28 @@ def ttt_mask(n: int, step: int) -> torch.Tensor:
     0's keys, then the diagonal of every later step's keys."""
     causal, diagonal = torch.ones(n, n, dtype=torch.bool).tril(), torch.eye(n, dtype=torch.bool)
     return additive_mask(torch.cat([causal] + [diagonal] * step, dim=-1), torch.float32)
+
+
+@pytest.mark.parametrize("steps,mask_rows", [(0, 1), (3, 1), (3, 2)])
+def test_ttt_attention_fused_equals_unfused(steps, mask_rows):
+    """The fused form (one SDPA over all keys, the CUDA default) and the unfused form (causal block + diagonal dot
+    products) of ttt_attention agree in outputs and in gradients to query, key and value (GQA: 4 heads, 2 kv)."""
+    g = torch.Generator().manual_seed(0)
+    B, n, D = 2, 7, 8
+    q = torch.randn(B, 4, n, D, generator=g, requires_grad=True)
+    k = torch.randn(B, 2, (steps + 1) * n, D, generator=g, requires_grad=True)
+    v = torch.randn(B, 2, (steps + 1) * n, D, generator=g, requires_grad=True)
+    mask = causal_mask(n, torch.float32, "cpu").expand(mask_rows, 1, n, n).clone()
+    if mask_rows == 2:
+        mask[1, :, :, 0] = torch.finfo(torch.float32).min  # row 1 never sees anchor 0 of step 0 (a padded key)
+    upstream = torch.randn(B, n, 4, D, generator=g)
+    results = []
+    for fused in (False, True):
+        out = ttt_attention(q, k, v, mask, 0.3, fused=fused)
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), [q, k, v])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert results[0][0].shape == (B, n, 4, D)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

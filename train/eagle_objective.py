@@ -11,7 +11,7 @@ EAGLE-3 (Li et al., 2025), training-time test: the drafter is unrolled `steps` t
 Step 0 reads the fused target features; step i >= 1 reads the drafter's own step i-1 output at the same anchor j,
 with token x_{j+1+i}, at position j + i, and predicts x_{j+2+i}. Step i's query at anchor j attends to step 0's
 keys at anchors <= j and to the keys of steps 1..i at anchor j only -- exactly what it sees when drafting i
-tokens past a verified prefix ending at j (computed without an [n, (i + 1) n] mask: drafters.eagle.ttt_attention).
+tokens past a verified prefix ending at j (drafters.eagle.ttt_attention).
 Loss of step i: soft-label CE to the target's distribution over the draft vocabulary (the target's logits at the
 draft ids, renormalised), weighted decay**i. A position whose target
 greedy token has no draft id cannot be drafted right; it is left out of loss and accuracy and counted apart.
