@@ -310,5 +310,6 @@ def test_bench_step_measures_every_drafter_at_a_shape(tmp_path):
     assert json.loads(out.read_text()) == rows
     with pytest.raises(ValueError, match="--shape 'huge'"):
         bench_step.main(["--shape", "huge"])
-    with pytest.raises(SystemExit):
-        bench_step.main(["--shape", "tiny", "--drafters", "medusa,hydra"])
+    for bad in (["--drafters", "medusa,hydra"], ["--seq-len", "2"], ["--ttt-steps", "0"], ["--assistant", "0"]):
+        with pytest.raises(SystemExit):
+            bench_step.main(["--shape", "tiny", *bad])

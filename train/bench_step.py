@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if not 0 < args.assistant <= 1:
         p.error(f"--assistant {args.assistant}: a share in (0, 1]")
+    for name, low in (("batch_size", 1), ("seq_len", 4), ("ttt_steps", 1), ("draft_vocab", 1), ("repeats", 1),
+                      ("warmup", 0)):
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
     kinds = args.drafters.split(",")
     for k in kinds:
         if k not in DRAFTERS:
