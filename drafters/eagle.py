@@ -34,11 +34,13 @@ class EagleConfig(PretrainedConfig):
     def __init__(self, eagle_version: int = 3, target_config: dict | None = None,
                  feature_layers: list[int] | None = None, draft_vocab_size: int | None = None,
                  target_name_or_path: str | None = None, target_revision: str | None = None,
-                 step_accuracy: list[float] | None = None, **kwargs):
+                 step_accuracy: list[float] | None = None, step_topk_accuracy: list[list[float]] | None = None,
+                 **kwargs):
         """target_config: the target's text config as a dict (the decoder layer is built from it).
         feature_layers (EAGLE-3): target decoder layers whose OUTPUTS are fused (= transformers'
         hidden_states[i + 1]). draft_vocab_size (EAGLE-3): rows of its LM head. step_accuracy: held-out top-1
-        accuracy per draft depth, written by training."""
+        accuracy per draft depth, written by training; step_topk_accuracy[d][i]: the share where the rank-i token
+        of depth d is the target's (not cumulative; column 0 is step_accuracy), which sizes the evaluation's tree."""
         self.eagle_version = eagle_version
         self.target_config = target_config or {}
         self.feature_layers = feature_layers
@@ -46,6 +48,7 @@ class EagleConfig(PretrainedConfig):
         self.target_name_or_path = target_name_or_path
         self.target_revision = target_revision
         self.step_accuracy = step_accuracy
+        self.step_topk_accuracy = step_topk_accuracy
         super().__init__(**kwargs)
 
     @property

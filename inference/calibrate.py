@@ -102,13 +102,19 @@ def choose_tree(accuracy: list[list[float]], latency: dict[int, float], draft_se
 
 
 def proposer_seconds(make_proposer, hidden_size: int, dtype: torch.dtype, device="cpu", repeats: int = 5):
-    """A draft_seconds function for `choose_tree`: times propose() of the proposer built for given paths."""
+    """A draft_seconds function for `choose_tree`: times one verify step's drafting (update with one accepted
+    token, then propose) of the proposer built for given paths; hidden_size: the width of its features."""
     hidden = torch.zeros(1, hidden_size, dtype=dtype, device=device)
+    token = torch.tensor([0], device=device)
 
     def seconds(paths) -> float:
         proposer: Proposer = make_proposer(paths)
-        proposer.begin(torch.tensor([0]), hidden)
-        return _best_seconds(lambda: proposer.propose(0), repeats)
+        proposer.begin(token, hidden)
+
+        def step():
+            proposer.update(token, hidden)
+            proposer.propose(0)
+        return _best_seconds(step, repeats)
     return seconds
 
 

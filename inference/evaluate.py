@@ -51,62 +51,71 @@ PRIOR_ACCURACY = [[0.5 * 0.7 ** k * 0.3 ** i for i in range(4)] for k in range(8
 def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, max_nodes: int,
                     draft_vocab: list[int] | None = None):
     """tree: 'auto' (calibrated on this device), 'chain' (top-1 of every head) or a JSON list of rank paths."""
+    make = lambda paths: MedusaProposer(drafter, paths, draft_vocab)  # noqa: E731
     if tree != "auto":
         paths = [(0,) * d for d in range(1, drafter.config.num_heads + 1)] if tree == "chain" else \
             [tuple(p) for p in json.loads(tree)]
-        proposer = MedusaProposer(drafter, paths, draft_vocab)
+        proposer = make(paths)
         return proposer, {"nodes": len(proposer.paths) + 1, "paths": [list(p) for p in proposer.paths]}
     accuracy = drafter.config.head_topk_accuracy
     if not accuracy:
         print("warning: the drafter records no per-head accuracy; sizing the tree with a prior guess",
               file=sys.stderr)
         accuracy = PRIOR_ACCURACY[:drafter.config.num_heads]
+    return calibrated_tree(accuracy, target, make, drafter.config.hidden_size, max_nodes)
+
+
+def calibrated_tree(accuracy: list[list[float]], target: PreTrainedModel, make_proposer, feature_width: int,
+                    max_nodes: int):
+    """The static tree of rank paths that maximises predicted tokens per second on this device (choose_tree):
+    accuracy[d][i] = P(rank-i candidate at depth d is right), the target's verify forward timed for each node
+    count <= max_nodes, and the proposer's own drafting of each candidate tree timed (make_proposer(paths); its
+    begin/update take features of feature_width). Returns (proposer, calibration record for the report)."""
     latency = verify_latency(target, [n for n in NODE_COUNTS if n <= max_nodes])
     dtype = target.get_output_embeddings().weight.dtype
-    draft = proposer_seconds(lambda paths: MedusaProposer(drafter, paths, draft_vocab), drafter.config.hidden_size,
-                             dtype, target.device)
-    choice = choose_tree(accuracy, latency, draft)
+    choice = choose_tree(accuracy, latency, proposer_seconds(make_proposer, feature_width, dtype, target.device))
     calibration = {"verify_seconds": {str(n): s for n, s in latency.items()}, "candidates": choice.table,
                    "nodes": len(choice.paths) + 1, "paths": [list(p) for p in choice.paths],
                    "expected_tau": choice.expected_tau, "predicted_speedup": choice.predicted_speedup}
-    return MedusaProposer(drafter, choice.paths, draft_vocab), calibration
+    return make_proposer(choice.paths), calibration
 
 
 def eagle_proposer(drafter: EagleModel, target: PreTrainedModel, tree: str, max_nodes: int, depth: int, topk: int,
                    draft_vocab: list[int] | None = None):
-    """tree: 'dynamic' (EAGLE-2, max_nodes nodes), 'auto' (dynamic, node count sized on this machine, see
-    auto_tree_nodes), 'chain' (depth tokens) or JSON rank paths (a static tree)."""
+    """tree: 'auto' (a static tree calibrated on this device from the drafter's held-out accuracy per depth and
+    rank, at most `depth` deep, see calibrated_tree), 'dynamic' (EAGLE-2, max_nodes nodes), 'chain' (depth
+    tokens) or JSON rank paths (a static tree)."""
     setup = {"tree": tree, "depth": depth, "topk": topk}
-    if tree in ("auto", "dynamic"):
-        nodes = max_nodes
-        if tree == "auto":
-            nodes, setup["calibration"] = auto_tree_nodes(drafter, target, max_nodes, depth)
-        proposer = EagleProposer(drafter, "dynamic", depth=depth, topk=topk, nodes=nodes, draft_vocab=draft_vocab)
-        return proposer, {**setup, "nodes": nodes}
-    paths = [(0,) * d for d in range(1, depth + 1)] if tree == "chain" else [tuple(p) for p in json.loads(tree)]
-    proposer = EagleProposer(drafter, "static", paths=paths, draft_vocab=draft_vocab)
+    if tree == "dynamic":
+        proposer = EagleProposer(drafter, "dynamic", depth=depth, topk=topk, nodes=max_nodes, draft_vocab=draft_vocab)
+        return proposer, {**setup, "nodes": max_nodes}
+    make = lambda paths: EagleProposer(drafter, "static", paths=paths, draft_vocab=draft_vocab)  # noqa: E731
+    if tree == "auto":
+        proposer, setup["calibration"] = calibrated_tree(eagle_accuracy(drafter)[:depth], target, make,
+                                                         eagle_feature_width(drafter), max_nodes)
+    else:
+        proposer = make([(0,) * d for d in range(1, depth + 1)] if tree == "chain" else
+                        [tuple(p) for p in json.loads(tree)])
     return proposer, {**setup, "nodes": len(proposer.paths) + 1, "paths": [list(p) for p in proposer.paths]}
 
 
-def auto_tree_nodes(drafter: EagleModel, target: PreTrainedModel, max_nodes: int, depth: int) -> tuple[int, dict]:
-    """The node count n (2..max_nodes) maximising expected tokens per verify second on this machine: expected
-    tokens = 1 + sum_d prod_{i<=d} a_i over the first min(depth, n - 1) draft steps, a_i the held-out top-1
-    accuracy of step i recorded at training (its last value for deeper steps) -- the acceptance of the tree's
-    best chain, a lower bound for the whole tree -- and the verify forward of n nodes timed here."""
-    accuracy = drafter.config.step_accuracy or [0.5]
-    latency = verify_latency(target, [n for n in NODE_COUNTS if 2 <= n <= max(2, max_nodes)])
+def eagle_accuracy(drafter: EagleModel) -> list[list[float]]:
+    """acc[d][i] for calibrated_tree: the held-out per-depth, per-rank accuracy recorded at training; a drafter
+    that records top-1 only gets chains; one that records nothing, the prior guess (with a warning)."""
+    config = drafter.config
+    if config.step_topk_accuracy:
+        return config.step_topk_accuracy
+    if config.step_accuracy:
+        return [[a] for a in config.step_accuracy]
+    print("warning: the EAGLE drafter records no held-out accuracy; sizing the tree with a prior guess",
+          file=sys.stderr)
+    return PRIOR_ACCURACY
 
-    def expected_tokens(n: int) -> float:
-        total, p = 1.0, 1.0
-        for d in range(min(depth, n - 1)):
-            p *= accuracy[min(d, len(accuracy) - 1)]
-            total += p
-        return total
 
-    rate = {n: expected_tokens(n) / s for n, s in latency.items()}
-    best = max(rate, key=lambda n: (rate[n], -n))
-    return best, {"verify_seconds": {str(n): s for n, s in latency.items()}, "step_accuracy": accuracy,
-                  "expected_tokens": {str(n): expected_tokens(n) for n in latency}}
+def eagle_feature_width(drafter: EagleModel) -> int:
+    """Width of the target features the drafter reads: the last hidden state, or EAGLE-3's fused layers."""
+    layers = drafter.config.feature_layers if drafter.config.eagle_version == 3 else None
+    return drafter.config.hidden * (len(layers) if layers else 1)
 
 
 def drafter_kind(drafter) -> str:

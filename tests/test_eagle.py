@@ -274,3 +274,45 @@ def test_pruned_dynamic_tree_is_the_same_tree_with_fewer_drafter_forwards(traine
             pruned = trees
     assert pruned == trees
     assert calls[True] < calls[False]
+
+
+def test_rank_hits_count_every_supervised_position_at_some_rank(trained):
+    """With topk = the whole (draft) vocabulary, every supervised position's label has a rank: the rank counts
+    of each step sum to its supervised count, and rank 0 is exactly the top-1 hits."""
+    target, drafter = trained
+    version = drafter.config.eagle_version
+    objective = (Eagle1Objective(drafter, target) if version == 1 else Eagle3Objective(drafter, target, steps=3))
+    objective.eval().topk = drafter.draft_ids().numel() if version == 3 else target.config.vocab_size
+    ids = greedy_text(target, n_rows=3, length=24, seed=5)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        _, stats = objective(ids, mask, mask)
+    assert objective.rank_hits.shape == (stats.shape[0], objective.topk)
+    assert torch.equal(objective.rank_hits[:, 0], stats[:, 1])
+    assert torch.equal(objective.rank_hits.sum(1), stats[:, 2])
+
+
+def test_auto_tree_is_calibrated_from_per_rank_accuracy(trained, monkeypatch):
+    """--tree auto for EAGLE: a static tree grown from the recorded per-depth, per-rank accuracy (depth-limited),
+    sized by the timed verify and drafting costs, and decoding with it is lossless; a drafter recording top-1 only
+    gets a chain."""
+    from inference.evaluate import make_proposer
+    from inference.tree import grow_tree
+
+    target, drafter = trained
+    accuracy = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.1, 0.1], [0.3, 0.1, 0.1]]
+    monkeypatch.setattr(drafter.config, "step_topk_accuracy", accuracy)
+    proposer, setup = make_proposer(drafter, target, tree="auto", max_tree_nodes=8, tree_depth=3)
+    paths = [tuple(p) for p in setup["paths"]]
+    assert sorted(map(tuple, setup["calibration"]["paths"])) == sorted(paths)
+    assert len(paths) + 1 == setup["nodes"] <= 8
+    assert sorted(paths) == sorted(grow_tree(accuracy[:3], len(paths)))
+    assert {row["nodes"] for row in setup["calibration"]["candidates"]} == {2, 3, 4, 5, 6, 8}
+    prompt = torch.tensor(PROMPTS[0])
+    assert speculative_generate(target, proposer, prompt, 30, set()).tokens == \
+        plain_generate(target, prompt, 30, set()).tokens
+
+    monkeypatch.setattr(drafter.config, "step_topk_accuracy", None)
+    monkeypatch.setattr(drafter.config, "step_accuracy", [0.6, 0.5, 0.4])
+    _, setup = make_proposer(drafter, target, tree="auto", max_tree_nodes=8, tree_depth=5)
+    assert all(set(p) == {0} for p in setup["paths"]) and len(setup["paths"]) <= 3

@@ -40,6 +40,9 @@ def test_eagle_training_end_to_end(assets, tmp_path, version):
         assert not torch.equal(p, trained[name]), f"drafter parameter {name} did not change"
     steps = cfg.drafter.ttt_steps if version == 3 else 1
     assert len(saved.config.step_accuracy) == steps and all(0 <= a <= 1 for a in saved.config.step_accuracy)
+    topk = saved.config.step_topk_accuracy  # [steps][10], rank 0 = top-1, shares of one count per step
+    assert len(topk) == steps and all(len(row) == 10 and sum(row) <= 1 + 1e-9 for row in topk)
+    assert [row[0] for row in topk] == pytest.approx(saved.config.step_accuracy)
     if version == 3:
         assert len(saved.d2t) == cfg.drafter.draft_vocab == 200
         assert 0 < saved.config.draftsmith["draft_vocab_heldout_coverage"] <= 1

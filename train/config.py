@@ -202,9 +202,9 @@ class EvalConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0
     check_lossless: bool = False
-    tree: str = "auto"  # Medusa: auto (sized from head accuracy and this machine's latency) | chain | JSON paths;
-    # EAGLE: auto (dynamic, node count from this machine's verify latency) | dynamic | chain | JSON rank paths
-    max_tree_nodes: int = 64  # EAGLE dynamic trees: the nodes verified (best by draft confidence)
+    tree: str = "auto"  # auto: a static tree sized from held-out per-head (Medusa) / per-depth (EAGLE) top-k
+    # accuracy and this machine's verify and drafting times | chain | JSON rank paths | EAGLE: dynamic
+    max_tree_nodes: int = 64  # auto: the largest tree tried; EAGLE dynamic trees: the nodes verified
     tree_depth: int = 5  # EAGLE: draft steps per proposal (dynamic tree / static tree limit / chain length)
     tree_topk: int = 4  # EAGLE dynamic trees: nodes expanded per depth, and children per expanded node
     draft_k: int = 4  # draft LMs: tokens drafted per step (start value when adaptive)

@@ -42,6 +42,14 @@ def supervised_pairs(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> t
     return valid
 
 
+def rank_hits(logits: torch.Tensor, labels: torch.Tensor, topk: int) -> torch.Tensor:
+    """[topk] float64 on the CPU: rows of logits [M, N] whose rank-i entry is the row's label [M], per rank i."""
+    ranks = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices                # [M, k]
+    hits = torch.zeros(topk, dtype=torch.float64)
+    hits[:ranks.shape[1]] = (ranks == labels[:, None]).sum(0).double().cpu()
+    return hits
+
+
 def soft_ce(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """-sum p log q per row: [M, N] each -> [M]."""
     return -(teacher_probs * F.log_softmax(student_logits.float(), dim=-1)).sum(-1)
@@ -57,12 +65,14 @@ class Eagle1Objective(nn.Module):
         self.drafter = drafter
         self._target = [target]
         self.cls_weight, self.reg_weight, self.feature_noise = cls_weight, reg_weight, feature_noise
+        self.topk, self.rank_hits = 0, None  # see Eagle3Objective
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                 hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, T, H]: the target's last hidden states from a feature cache (offline mode), else computed."""
         target, d = self._target[0], self.drafter
         dtype = d.fc.weight.dtype
+        self.rank_hits = torch.zeros(1, self.topk, dtype=torch.float64)
         if hidden is None:
             with torch.no_grad():
                 hidden = target_forward(target, input_ids, attention_mask, logits_at=0, use_cache=False).hidden_states
@@ -86,6 +96,8 @@ class Eagle1Objective(nn.Module):
             student = d.logits(p_chunk)                                                 # [m, V]
             ce_sum = ce_sum + soft_ce(student, teacher).sum()
             hits += int((student.argmax(-1) == teacher.argmax(-1)).sum())
+            if self.topk:
+                self.rank_hits[0] += rank_hits(student, teacher.argmax(-1), self.topk)
         loss = self.reg_weight * reg + self.cls_weight * ce_sum / m
         return loss, torch.tensor([[ce_sum.item(), hits, m]], dtype=torch.float64)
 
@@ -93,7 +105,8 @@ class Eagle1Objective(nn.Module):
 class Eagle3Objective(nn.Module):
     """EAGLE-3 training-time test (module docstring). stats: one row per step (CE sum, top-1 hits, count); the
     positions each step left out (supervised, but the target's token has no draft id: a certain miss) are counted
-    in `self.outside` [steps] by the last call."""
+    in `self.outside` [steps] by the last call. With `topk` > 0 (held-out measurement) the last call also counts
+    in `rank_hits` [steps, topk] the positions where the drafter's rank-i token is the target's (both objectives)."""
 
     def __init__(self, drafter: EagleModel, target: nn.Module, steps: int = 7, step_decay: float = 0.8):
         super().__init__()
@@ -101,6 +114,7 @@ class Eagle3Objective(nn.Module):
         self._target = [target]
         self.steps, self.step_decay = steps, step_decay
         self.outside = torch.zeros(steps, dtype=torch.float64)
+        self.topk, self.rank_hits = 0, None
 
     @torch.no_grad()
     def teacher(self, input_ids, attention_mask, loss_mask, features=None, hidden=None
@@ -150,6 +164,7 @@ class Eagle3Objective(nn.Module):
         cache, causal = DynamicCache(), causal_mask(n, dtype, device)
         loss = 0.0
         stats = torch.zeros(self.steps, 3, dtype=torch.float64)
+        self.rank_hits = torch.zeros(self.steps, self.topk, dtype=torch.float64)
         for i in range(self.steps):
             # 1. step i's inputs at anchor j: token x_{j+1+i}, hidden = step i-1's output (step 0: fused features)
             pos = (torch.arange(n, device=device) + i)[None].expand(B, n)
@@ -164,6 +179,8 @@ class Eagle3Objective(nn.Module):
                 ce = soft_ce(logits, probs[r[valid]])
                 loss = loss + self.step_decay ** i * ce.mean()
                 stats[i] = torch.tensor([ce.sum().item(), int((logits.argmax(-1) == greedy[r[valid]]).sum()), m])
+                if self.topk:
+                    self.rank_hits[i] += rank_hits(logits, greedy[r[valid]], self.topk)
             # 3. the training-time test: the next step reads this step's own output
             h = out
         if not isinstance(loss, torch.Tensor):  # nothing supervised: zero loss touching every parameter

@@ -125,22 +125,27 @@ class EagleRecipe(recipe.Recipe):
         elif dc.version == 3 and dc.draft_vocab:
             drafter.config.draftsmith = {"draft_vocab_heldout_coverage": self.vocab_entry["draft_vocab_heldout_coverage"]}
         if self.holdout:
-            drafter.config.step_accuracy = self.heldout_accuracy(drafter)
+            drafter.config.step_accuracy, drafter.config.step_topk_accuracy = self.heldout_accuracy(drafter)
             self._print(f"held-out top-1 accuracy per draft step ({len(self.holdout)} conversations): "
                         + ", ".join(f"{a:.3f}" for a in drafter.config.step_accuracy))
         return drafter
 
     @torch.no_grad()
-    def heldout_accuracy(self, drafter: EagleModel) -> list[float]:
-        """Top-1 agreement with the target's greedy token per draft step (EAGLE-3: the training-time-test steps,
-        the drafter reading its own outputs; EAGLE-1: the first step) on the held-out conversations. EAGLE-3
-        positions whose target token lies outside the draft vocabulary count as misses."""
+    def heldout_accuracy(self, drafter: EagleModel) -> tuple[list[float], list[list[float]]]:
+        """Agreement with the target's greedy token per draft step (EAGLE-3: the training-time-test steps, the
+        drafter reading its own outputs; EAGLE-1: the first step) on the held-out conversations: top-1 per step,
+        and acc[d][i] the share where the rank-i token of step d is right (i < TOPK). EAGLE-3 positions whose
+        target token lies outside the draft vocabulary count as misses."""
         objective = self.objective_for(drafter).eval()
+        objective.topk = TOPK
         hits = torch.zeros(self.num_stats, 3, dtype=torch.float64)
+        ranks = torch.zeros(self.num_stats, TOPK, dtype=torch.float64)
         for batch in self.holdout_batches():
             hits += objective(**batch)[1]
             hits[:, 2] += getattr(objective, "outside", 0)
-        return (hits[:, 1] / hits[:, 2].clamp(min=1)).tolist()
+            ranks += objective.rank_hits
+        count = hits[:, 2].clamp(min=1)
+        return (hits[:, 1] / count).tolist(), (ranks / count[:, None]).tolist()
 
     def save_drafter(self, drafter: EagleModel, path: Path) -> None:
         drafter.save_pretrained(path)
