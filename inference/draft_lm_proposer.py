@@ -32,6 +32,10 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
 class DraftLMProposer:
     """Chain proposer for a draft causal LM sharing the target's vocabulary.
 
+    siblings (greedy only): the draft's next `siblings` ranked tokens after its top-1 join the first draft token
+    as alternatives at depth 1, a tree verified in the same target forward (on a CPU a few more nodes cost almost
+    nothing, inference.calibrate); they need no extra draft forward, only the first step's logits.
+
     Adaptive k (adaptive=True), with a = drafted tokens the target accepted in the last step:
       a == k          -> k + 1 (at most k_max): the draft was right all the way, try a longer chain;
       a <= 1, a < k   -> k - 1 (at least k_min): the first or second draft token was rejected; drafting further
@@ -41,7 +45,8 @@ class DraftLMProposer:
 
     def __init__(self, draft_model: PreTrainedModel | PeftModel, k: int = 4, adaptive: bool = False,
                  k_min: int = 1, k_max: int = 8, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, draft_vocab: list[int] | None = None):
+                 generator: torch.Generator | None = None, draft_vocab: list[int] | None = None,
+                 siblings: int = 0):
         if not 1 <= k_min <= k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
         if not (k_min <= k <= k_max if adaptive else k >= 1):
@@ -51,6 +56,10 @@ class DraftLMProposer:
         self.draft = draft_model.get_base_model() if isinstance(draft_model, PeftModel) else draft_model
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy drafts)")
+        if siblings < 0 or (siblings and temperature > 0):
+            raise ValueError(f"siblings={siblings}: extra depth-1 candidates (>= 0) are for greedy drafting only "
+                             f"(temperature 0, got {temperature}); use siblings=0 when sampling")
+        self.siblings = siblings
         self.k, self.adaptive, self.k_min, self.k_max = k, adaptive, k_min, k_max
         self.temperature, self.generator = temperature, generator
         self.vocab, self.head = self._draft_head(draft_vocab)
@@ -109,6 +118,7 @@ class DraftLMProposer:
         self.tail = [root]
         logits = self.draft_forward(self.pending + [root])                   # [V]
         self.pending = []
+        extra = self._runners_up(logits)
         drafts, probs = [], []
         for i in range(self.k):
             token, q = self._draw(logits)                                # q_i [V] when sampling
@@ -118,7 +128,16 @@ class DraftLMProposer:
             if i < self.k - 1:  # the last draft token is not fed: its logits would be unused
                 logits = self.draft_forward(drafts[-1:])
                 self.tail.append(drafts[-1])
+        if extra:  # root -> chain of k drafts, plus the runners-up of the first as its siblings
+            return TokenTree(torch.tensor([root] + drafts + extra), list(range(-1, self.k)) + [0] * len(extra))
         return TokenTree.chain(torch.tensor([root] + drafts), torch.stack(probs) if probs else None)
+
+    def _runners_up(self, logits: torch.Tensor) -> list[int]:
+        """The tokens ranked 2 .. siblings + 1 by the draft's first-step logits [V] or [N] (target ids)."""
+        if not self.siblings:
+            return []
+        ranked = logits.topk(min(1 + self.siblings, logits.shape[-1])).indices[1:]
+        return (ranked if self.vocab is None else self.vocab[ranked]).tolist()
 
     def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
         """tokens [n]: root + the n - 1 accepted drafts, now in the target's cache. Roll the draft cache back to

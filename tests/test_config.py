@@ -153,3 +153,12 @@ def test_entry_point_accepts_launcher_local_rank_and_overrides(launcher_args):
     cfg, local_rank = parse_args(launcher_args + ["--config", tiny, "training.lr=3e-4", "output_dir=/tmp/x"])
     assert local_rank == (1 if launcher_args else None)
     assert cfg.training.lr == 3e-4 and cfg.output_dir == "/tmp/x"
+
+
+def test_draft_siblings_are_checked():
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "draft_lm_tiny.yaml")
+    assert load_config(config, ["eval.draft_siblings=2"]).eval.draft_siblings == 2
+    with pytest.raises(ConfigError, match="eval.draft_siblings"):
+        load_config(config, ["eval.draft_siblings=-1"])
+    with pytest.raises(ConfigError, match="eval.draft_siblings=1 is for greedy"):
+        load_config(config, ["eval.draft_siblings=1", "eval.temperature=0.7"])

@@ -239,3 +239,27 @@ def test_proposer_cache_tracks_accepted_sequence():
     assert proposer.cache.get_seq_length() == len(PROMPT) + 2 + 3 and proposer.pending == [tree.tokens[-1].item()]
     with pytest.raises(ValueError, match="k_min"):
         DraftLMProposer(target, k=9, adaptive=True, k_max=8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sibling_candidates_are_lossless_and_save_target_forwards(arch):
+    """siblings=N: the tree is the k-token chain plus the draft's ranks 2..N+1 of its first token at depth 1;
+    decoding stays the target's own greedy output and needs fewer target forwards than the chain alone."""
+    target = make_tiny_target(arch)
+    draft = build_draft_lm(target, 1, [0]).eval()
+    forwards = {0: 0, 3: 0}
+    for prompt in (PROMPT, torch.tensor([1, 5]), torch.tensor([1, 200, 201, 202, 203, 3, 3, 90])):
+        reference = hf_greedy(target, prompt, 40)
+        for siblings in forwards:
+            result = speculative_generate(target, DraftLMProposer(draft, k=3, siblings=siblings), prompt, 40, EOS)
+            assert result.tokens == reference
+            forwards[siblings] += result.forwards
+    assert forwards[3] < forwards[0]
+    proposer = DraftLMProposer(draft, k=3, siblings=2)
+    proposer.begin(PROMPT, None)
+    tree = proposer.propose(7)
+    assert tree.parents == [-1, 0, 1, 2, 0, 0]
+    first = draft(torch.cat([PROMPT, torch.tensor([7])])[None]).logits[0, -1]
+    assert tree.tokens[[1, 4, 5]].tolist() == first.topk(3).indices.tolist()
+    with pytest.raises(ValueError, match="greedy drafting only"):
+        DraftLMProposer(draft, temperature=1.0, siblings=1)

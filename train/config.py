@@ -209,6 +209,7 @@ class EvalConfig:
     tree_topk: int = 4  # EAGLE dynamic trees: nodes expanded per depth, and children per expanded node
     draft_k: int = 4  # draft LMs: tokens drafted per step (start value when adaptive)
     adaptive_k: bool = True
+    draft_siblings: int = 0  # draft LMs, greedy: the draft's next N first tokens verified too (depth-1 alternatives)
     compare_hf: bool = False  # draft LMs: also time transformers' assisted generation with the same draft
     full_draft_vocab: bool = False  # draft LMs: ignore a recorded frequent-token draft vocabulary
 
@@ -217,6 +218,9 @@ class EvalConfig:
         _check(self.tree_depth >= 1, "eval.tree_depth", self.tree_depth, "must be >= 1")
         _check(self.tree_topk >= 1, "eval.tree_topk", self.tree_topk, "must be >= 1")
         _check(self.draft_k >= 1, "eval.draft_k", self.draft_k, "must be >= 1")
+        _check(self.draft_siblings >= 0, "eval.draft_siblings", self.draft_siblings, "must be >= 0")
+        _check(not (self.draft_siblings and self.temperature > 0), "eval.draft_siblings", self.draft_siblings,
+               "is for greedy evaluation (eval.temperature 0)")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
         _check(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0")
 

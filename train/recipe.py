@@ -217,7 +217,8 @@ class Recipe:
                                   temperature=e.temperature, per_category=e.per_category, limit=e.limit,
                                   check_lossless=e.check_lossless, tree=e.tree, max_tree_nodes=e.max_tree_nodes,
                                   draft_k=e.draft_k, adaptive_k=e.adaptive_k, full_draft_vocab=e.full_draft_vocab,
-                                  compare_hf=e.compare_hf, tree_depth=e.tree_depth, tree_topk=e.tree_topk)
+                                  compare_hf=e.compare_hf, tree_depth=e.tree_depth, tree_topk=e.tree_topk,
+                                  draft_siblings=e.draft_siblings)
         tmp = self.out / ".eval.json.tmp"
         write_report(report, str(tmp))
         tmp.replace(self.out / "eval.json")
