@@ -53,9 +53,7 @@ def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, ma
     """tree: 'auto' (calibrated on this device), 'chain' (top-1 of every head) or a JSON list of rank paths."""
     make = lambda paths: MedusaProposer(drafter, paths, draft_vocab)  # noqa: E731
     if tree != "auto":
-        paths = [(0,) * d for d in range(1, drafter.config.num_heads + 1)] if tree == "chain" else \
-            [tuple(p) for p in json.loads(tree)]
-        proposer = make(paths)
+        proposer = make(fixed_paths(tree, drafter.config.num_heads))
         return proposer, {"nodes": len(proposer.paths) + 1, "paths": [list(p) for p in proposer.paths]}
     accuracy = drafter.config.head_topk_accuracy
     if not accuracy:
@@ -63,6 +61,11 @@ def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, ma
               file=sys.stderr)
         accuracy = PRIOR_ACCURACY[:drafter.config.num_heads]
     return calibrated_tree(accuracy, target, make, drafter.config.hidden_size, max_nodes)
+
+
+def fixed_paths(tree: str, depth: int) -> list[tuple[int, ...]]:
+    """The rank paths of a tree given by name: 'chain' (top-1 at each of `depth` depths) or a JSON list."""
+    return [(0,) * d for d in range(1, depth + 1)] if tree == "chain" else [tuple(p) for p in json.loads(tree)]
 
 
 def calibrated_tree(accuracy: list[list[float]], target: PreTrainedModel, make_proposer, feature_width: int,
@@ -94,8 +97,7 @@ def eagle_proposer(drafter: EagleModel, target: PreTrainedModel, tree: str, max_
         proposer, setup["calibration"] = calibrated_tree(eagle_accuracy(drafter)[:depth], target, make,
                                                          eagle_feature_width(drafter), max_nodes)
     else:
-        proposer = make([(0,) * d for d in range(1, depth + 1)] if tree == "chain" else
-                        [tuple(p) for p in json.loads(tree)])
+        proposer = make(fixed_paths(tree, depth))
     return proposer, {**setup, "nodes": len(proposer.paths) + 1, "paths": [list(p) for p in proposer.paths]}
 
 

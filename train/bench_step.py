@@ -83,7 +83,7 @@ def measure(kind: str, target, batch: dict, args) -> dict:
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     layers = getattr(getattr(objective.drafter, "config", None), "feature_layers", None)
-    before = [p.detach().clone() for p in params[:1]]
+    first = params[0].detach().clone()
 
     def target_only():
         with torch.no_grad():
@@ -103,7 +103,7 @@ def measure(kind: str, target, batch: dict, args) -> dict:
     row = {"drafter": kind, "trainable_params": sum(p.numel() for p in params), "target_forward_s": fwd,
            "train_step_s": step, "ratio": step / fwd,
            "tokens_per_s": batch["input_ids"].numel() / step,
-           "first_param_changed": not torch.equal(before[0], params[0].detach())}
+           "first_param_changed": not torch.equal(first, params[0].detach())}
     if torch.cuda.is_available():
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row

@@ -95,9 +95,10 @@ class Eagle1Objective(nn.Module):
                 teacher = torch.softmax(d.logits(t_chunk).float(), dim=-1)              # [m, V]
             student = d.logits(p_chunk)                                                 # [m, V]
             ce_sum = ce_sum + soft_ce(student, teacher).sum()
-            hits += int((student.argmax(-1) == teacher.argmax(-1)).sum())
+            labels = teacher.argmax(-1)                                                 # [m] the target's token
+            hits += int((student.argmax(-1) == labels).sum())
             if self.topk:
-                self.rank_hits[0] += rank_hits(student, teacher.argmax(-1), self.topk)
+                self.rank_hits[0] += rank_hits(student, labels, self.topk)
         loss = self.reg_weight * reg + self.cls_weight * ce_sum / m
         return loss, torch.tensor([[ce_sum.item(), hits, m]], dtype=torch.float64)
 
@@ -175,12 +176,12 @@ class Eagle3Objective(nn.Module):
             self.outside[i] = float((r == -2).sum())
             m = int(valid.sum())
             if m:
-                logits = d.logits(out[valid])                                           # [m, N]
-                ce = soft_ce(logits, probs[r[valid]])
+                logits, rows_i = d.logits(out[valid]), r[valid]                        # [m, N], [m]
+                ce = soft_ce(logits, probs[rows_i])
                 loss = loss + self.step_decay ** i * ce.mean()
-                stats[i] = torch.tensor([ce.sum().item(), int((logits.argmax(-1) == greedy[r[valid]]).sum()), m])
+                stats[i] = torch.tensor([ce.sum().item(), int((logits.argmax(-1) == greedy[rows_i]).sum()), m])
                 if self.topk:
-                    self.rank_hits[i] += rank_hits(logits, greedy[r[valid]], self.topk)
+                    self.rank_hits[i] += rank_hits(logits, greedy[rows_i], self.topk)
             # 3. the training-time test: the next step reads this step's own output
             h = out
         if not isinstance(loss, torch.Tensor):  # nothing supervised: zero loss touching every parameter
