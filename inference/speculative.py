@@ -126,15 +126,18 @@ def speculative_sampling(tree: TokenTree, logits: torch.Tensor, temperature: flo
 
 
 def keep_cache_entries(cache: DynamicCache, prefix_len: int, keep: torch.Tensor) -> None:
-    """Keep cache positions [0, prefix_len) followed by prefix_len + keep (keep [n], sorted); drop the rest."""
+    """Keep cache positions [0, prefix_len) followed by prefix_len + keep (keep [n], sorted); drop the rest.
+    When keep is 0..n-1 (a chain's accepted prefix) the entries are already in place: only the tail is cut."""
     n = len(keep)
+    in_place = bool((keep == torch.arange(n, device=keep.device)).all())
     for layer in cache.layers:
         if type(layer) is not DynamicLayer:
             raise NotImplementedError(f"tree verification compacts full-attention caches only, got {type(layer).__name__} "
                                       "(sliding-window or linear-attention layers); use a chain-only drafter")
         for name in ("keys", "values"):
             kv = getattr(layer, name)                               # [1, heads, prefix_len + N, head_dim]
-            kv[:, :, prefix_len:prefix_len + n] = kv[:, :, prefix_len + keep]
+            if not in_place:
+                kv[:, :, prefix_len:prefix_len + n] = kv[:, :, prefix_len + keep]
             setattr(layer, name, kv[:, :, :prefix_len + n])
 
 

@@ -133,6 +133,8 @@ def test_keep_cache_entries_moves_accepted_path(tiny_target):
     after = cache.layers[0].keys
     assert after.shape[2] == 5
     assert torch.equal(after[:, :, :2], before[:, :, :2]) and torch.equal(after[:, :, 2:], before[:, :, [2, 4, 5]])
+    keep_cache_entries(cache, prefix_len=1, keep=torch.tensor([0, 1]))  # an accepted prefix: cut, nothing moves
+    assert torch.equal(cache.layers[0].keys, torch.cat([before[:, :, :2], before[:, :, [2]]], dim=2))
 
 
 def test_typical_acceptance_runs_and_respects_budget(tiny_target):
