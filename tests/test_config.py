@@ -40,10 +40,13 @@ def test_draft_lm_section_is_typed_and_checked():
         "drafter.init_layers=[0, 1, 2]": "copies more layers than drafter.num_layers=2",
         "drafter.jsd_beta=1": "must be strictly between 0 and 1",
         "drafter.num_heads=3": "unknown key drafter.num_heads (a command-line override) in drafter",
+        ("drafter.loss_vocab=draft", "drafter.draft_vocab=null"): "drafter.loss_vocab='draft' needs drafter.draft_vocab",
+        "drafter.loss_vocab=frequent": "drafter.loss_vocab='frequent' is not allowed; use one of 'full', 'draft'",
     }
-    for override, message in bad.items():
+    for overrides, message in bad.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
-            load_config(str(CONFIGS[0].parent / "draft_lm_tiny.yaml"), [override])
+            load_config(str(CONFIGS[0].parent / "draft_lm_tiny.yaml"),
+                        list(overrides) if isinstance(overrides, tuple) else [overrides])
 
 
 def test_main_config_is_the_readme_job():

@@ -148,3 +148,5 @@ def test_bad_arguments_are_refused():
         distill_loss(student, teacher, None, {"tvd": 1.0}, temperature=0)
     with pytest.raises(ValueError, match="at least one"):
         distill_loss(student, teacher, None, {})
+    with pytest.raises(ValueError, match=r"losses \['tvd'\] compare with the teacher: pass teacher_logits"):
+        distill_loss(student, None, None, {"tvd": 1.0, "ce": 1.0}, labels=labels)

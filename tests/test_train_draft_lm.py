@@ -20,9 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "draft_lm_tiny.yaml")
 
 
-@pytest.mark.parametrize("positions", ["assistant", "all"])
-def test_draft_objective_equals_direct_computation(tiny_target, positions):
-    target = tiny_target.double()
+def _direct_objective_case(target):
+    """A tiny batch (row 1 padded) and a perturbed 1-layer draft, both float64."""
     draft = build_draft_lm(target, num_layers=1).double()
     with torch.no_grad():
         for p in draft.model.layers.parameters():
@@ -33,6 +32,13 @@ def test_draft_objective_equals_direct_computation(tiny_target, positions):
     attention_mask[1, 9:] = 0
     loss_mask = torch.zeros_like(ids)
     loss_mask[0, 4:12] = loss_mask[1, 2:6] = 1
+    return draft, ids, attention_mask, loss_mask
+
+
+@pytest.mark.parametrize("positions", ["assistant", "all"])
+def test_draft_objective_equals_direct_computation(tiny_target, positions):
+    target = tiny_target.double()
+    draft, ids, attention_mask, loss_mask = _direct_objective_case(target)
     objective = DraftLMObjective(draft, target, {"forward_kl": 1.0, "tvd": 0.5, "ce": 0.25}, temperature=2.0,
                                  positions=positions)
     loss, stats = objective(ids, attention_mask, loss_mask)
@@ -53,6 +59,58 @@ def test_draft_objective_equals_direct_computation(tiny_target, positions):
     assert all(p.grad is None for p in target.parameters())
     assert draft.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
 
+
+
+def test_draft_vocab_loss_equals_direct_computation(tiny_target):
+    """loss_vocab: draft: both distributions over the draft vocabulary's ids only (renormalised), positions whose
+    next token is outside left out and counted; hits compare argmaxes over those ids."""
+    target = tiny_target.double()
+    torch.manual_seed(0)
+    draft, ids, attention_mask, loss_mask = _direct_objective_case(target)
+    supervised = [(b, t) for b in range(2) for t in range(11) if loss_mask[b, t + 1] and attention_mask[b, t + 1]]
+    outside = {int(ids[b, t + 1]) for b, t in supervised[::3]}  # a third of the next tokens lack a draft id
+    vocab = sorted(set(range(256)) - outside)
+    objective = DraftLMObjective(draft, target, {"forward_kl": 1.0, "ce": 0.5}, temperature=2.0, vocab=vocab)
+    loss, stats = objective(ids, attention_mask, loss_mask)
+
+    rows = torch.tensor(vocab)
+    p_all = target(ids, attention_mask=attention_mask).logits[..., rows]
+    q_all = draft(ids, attention_mask=attention_mask).logits[..., rows]
+    terms, hits = [], 0
+    for b, t in supervised:
+        if int(ids[b, t + 1]) in outside:
+            continue
+        lp, lq = F.log_softmax(p_all[b, t] / 2, -1)[None], F.log_softmax(q_all[b, t] / 2, -1)[None]
+        ce = -F.log_softmax(q_all[b, t], -1)[vocab.index(int(ids[b, t + 1]))]
+        terms.append(forward_kl(lp, lq)[0] + 0.5 * ce)
+        hits += int(p_all[b, t].argmax() == q_all[b, t].argmax())
+    expected = torch.stack(terms).mean()
+    torch.testing.assert_close(loss, expected)
+    assert stats.tolist() == [[pytest.approx(expected.item() * len(terms)), hits, len(terms)]]
+    assert objective.outside == len(supervised) - len(terms) > 0
+
+
+def test_ce_alone_never_runs_the_target(tiny_target):
+    """With 'ce' the only loss the teacher is not needed: the target sees no forward, the loss is the draft's CE
+    on the data's next tokens and hits count its argmax against them."""
+    target = tiny_target.double()
+    torch.manual_seed(0)
+    draft, ids, attention_mask, loss_mask = _direct_objective_case(target)
+    calls = []
+    hook = target.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    objective = DraftLMObjective(draft, target, {"ce": 1.0, "tvd": 0.0}, positions="all")
+    loss, stats = objective(ids, attention_mask, loss_mask)
+    hook.remove()
+    assert calls == [] and objective.teacher_free
+
+    q_all = draft(ids, attention_mask=attention_mask).logits
+    pos = [(b, t) for b in range(2) for t in range(11) if attention_mask[b, t + 1]]
+    ce = torch.stack([-F.log_softmax(q_all[b, t], -1)[ids[b, t + 1]] for b, t in pos])
+    torch.testing.assert_close(loss, ce.mean())
+    hits = sum(int(q_all[b, t].argmax() == ids[b, t + 1]) for b, t in pos)
+    assert stats.tolist() == [[pytest.approx(ce.sum().item()), hits, len(pos)]]
+    loss.backward()
+    assert draft.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
 
 
 def test_training_moves_draft_layers_only_and_evaluates_against_hf(assets, tmp_path):
@@ -86,6 +144,23 @@ def test_training_moves_draft_layers_only_and_evaluates_against_hf(assets, tmp_p
     for row in (report["overall"], hf["overall"]):
         assert row["tau"] == pytest.approx(row["new_tokens"] / row["target_forwards"]) and row["tau"] >= 1
     assert hf["overall"]["new_tokens"] == report["overall"]["new_tokens"]
+
+
+def test_teacher_free_training_over_the_draft_vocabulary(assets, tmp_path):
+    """drafter.losses={ce: 1.0} + loss_vocab: draft trains the layers through the script; the saved draft records
+    its 200-token vocabulary and a held-out agreement measured over it."""
+    out = tmp_path / "ce"
+    result = run(load_config(TINY, tiny_overrides(assets, out, "training.max_steps=2", "drafter.losses={ce: 1.0}",
+                                                  "drafter.loss_vocab=draft")))
+    assert result.finished and result.step == 2
+    pristine, _ = load_target(assets["target"])
+    initial = dict(build_draft_lm(pristine, 2, [0]).named_parameters())
+    saved = load_drafter(str(out / "drafter"), pristine)
+    meta = saved.config.draftsmith
+    assert len(meta["draft_vocab"]) == 200 and 0 <= meta["heldout_agreement"] <= 1
+    for name, p in saved.named_parameters():
+        frozen = "embed_tokens" in name or "lm_head" in name
+        assert torch.equal(p, initial[name]) == frozen, f"{name}: {'changed' if frozen else 'did not change'}"
 
 
 def test_lora_training_changes_only_adapters_and_saved_adapters_reload(assets, tmp_path):

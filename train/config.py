@@ -59,6 +59,7 @@ class DraftLMDrafter:
     temperature: float = 1.0  # of teacher and student in the divergences
     jsd_beta: float = 0.5  # the teacher's weight in JSD(beta)
     positions: Literal["assistant", "all"] = "assistant"  # where the draft is distilled (next token's kind)
+    loss_vocab: Literal["full", "draft"] = "full"  # draft: losses over the draft_vocab tokens only, as it drafts
 
     def __post_init__(self):
         from train.losses import LOSS_NAMES
@@ -78,6 +79,8 @@ class DraftLMDrafter:
         _check(self.draft_vocab is None or self.draft_vocab >= 1, "drafter.draft_vocab", self.draft_vocab,
                "must be >= 1 or null (the full vocabulary)")
         _check(0 < self.jsd_beta < 1, "drafter.jsd_beta", self.jsd_beta, "must be strictly between 0 and 1")
+        _check(self.loss_vocab == "full" or self.draft_vocab is not None, "drafter.loss_vocab", self.loss_vocab,
+               "needs drafter.draft_vocab (the number of frequent tokens to draft over); set it or use 'full'")
 
 
 @dataclass

@@ -79,13 +79,14 @@ def _rows(x: torch.Tensor | None, keep: torch.Tensor | None, width: int | None) 
     return x if keep is None else x[keep]
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, mask: torch.Tensor | None,
                  weights: dict[str, float], temperature: float = 1.0, labels: torch.Tensor | None = None,
                  jsd_beta: float = 0.5, normalizer: float | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """loss = sum_name weights[name] * masked mean of loss `name`; names from LOSS_NAMES.
 
-    student_logits, teacher_logits: [..., V] (e.g. [N, V] or [B, T, V]); mask: [...] bool/0-1, None = all;
+    student_logits, teacher_logits: [..., V] (e.g. [N, V] or [B, T, V]); teacher_logits may be None when only
+    'ce' is weighted (no divergence reads it); mask: [...] bool/0-1, None = all;
     labels: [...] token ids, needed for 'ce'; jsd_beta: the teacher's weight in JSD(beta);
     normalizer: divide sums by this instead of the mask count (pass the total count when chunking).
     Returns (loss, {name: unweighted masked mean, detached}). With no masked-in position (and no normalizer)
@@ -97,7 +98,11 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     if normalizer is not None and not normalizer > 0:
         raise ValueError(f"normalizer must be > 0 (the number of masked-in positions over all chunks), "
                          f"got {normalizer}")
-    if student_logits.shape != teacher_logits.shape:
+    if teacher_logits is None:
+        if any(name != "ce" for name in weights):
+            raise ValueError(f"losses {sorted(n for n in weights if n != 'ce')} compare with the teacher: pass "
+                             "teacher_logits (only 'ce' works without them)")
+    elif student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape [..., V]")
     V = student_logits.shape[-1]
@@ -107,12 +112,13 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
                          f"{tuple(student_logits.shape[:-1])}")
     if keep is not None and bool(keep.all()):
         keep = None
-    s, t, y = _rows(student_logits, keep, V), _rows(teacher_logits.detach(), keep, V), _rows(labels, keep, None)
+    t = None if teacher_logits is None else _rows(teacher_logits.detach(), keep, V)
+    s, y = _rows(student_logits, keep, V), _rows(labels, keep, None)
     count = normalizer if normalizer is not None else max(s.shape[0], 1)
 
     dtype = torch.promote_types(s.dtype, torch.float32)  # upcast bf16/fp16; keep float64 as is
     log_q = F.log_softmax(s.to(dtype) / temperature, dim=-1)  # [M, V]
-    log_p = F.log_softmax(t.to(dtype) / temperature, dim=-1)  # [M, V]
+    log_p = None if t is None else F.log_softmax(t.to(dtype) / temperature, dim=-1)  # [M, V]
     parts = {}
     for name in weights:
         if name == "ce":

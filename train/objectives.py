@@ -171,17 +171,35 @@ class DraftLMObjective(nn.Module):
     next-token distribution q(. | x_{<=t}) is pulled towards the target's p(. | x_{<=t}) by the configured mix of
     divergences (train/losses.py); 'ce' uses the data token x_{t+1} as label (on self-distilled data: the target's
     own text). Logits exist only at those positions.
-    stats: one row, (loss sum, positions where the draft's argmax is the target's, positions)."""
+
+    With 'ce' alone the target never runs (its distribution is not needed): on self-distilled data a step then
+    costs the draft's forward and backward only, and top-1 hits are counted against the data token.
+    vocab (FR-Spec, as the draft LM drafts at inference): the draft's logits cover those token ids only (its LM
+    head's rows), the teacher's are restricted to the same ids (softmax renormalised over them, as EAGLE-3 does),
+    and positions whose next token lies outside are left out, counted in `self.outside` (cumulative).
+    stats: one row, (loss sum, positions where the draft's argmax is the target's (teacher-free: the data
+    token), positions)."""
 
     def __init__(self, drafter: nn.Module, target: nn.Module, weights: dict[str, float], temperature: float = 1.0,
-                 jsd_beta: float = 0.5, positions: str = "assistant"):
+                 jsd_beta: float = 0.5, positions: str = "assistant", vocab: list[int] | None = None):
         super().__init__()
         if positions not in ("assistant", "all"):
             raise ValueError(f"positions={positions!r}: use 'assistant' (next token is an assistant token) or 'all'")
         self.drafter = drafter  # a causal LM, or a peft model around one
         self._target = [target]
-        self.weights, self.temperature, self.jsd_beta = dict(weights), temperature, jsd_beta
-        self.positions = positions
+        self.weights = {name: w for name, w in weights.items() if w != 0}  # a 0-weighted loss adds nothing
+        self.temperature, self.jsd_beta, self.positions = temperature, jsd_beta, positions
+        self.teacher_free = set(self.weights) == {"ce"}
+        vocab_size = unwrap(drafter).get_output_embeddings().weight.shape[0]
+        self.vocab = self.draft_id = None
+        if vocab is not None:
+            self.vocab = torch.tensor(sorted(set(vocab)))                                 # [N] target ids
+            if not (0 <= int(self.vocab[0]) and int(self.vocab[-1]) < vocab_size):
+                raise ValueError(f"vocab must be token ids in [0, {vocab_size}); got ids {int(self.vocab[0])}.."
+                                 f"{int(self.vocab[-1])}")
+            self.draft_id = torch.full((vocab_size,), -1, dtype=torch.long)              # [V] target id -> draft id
+            self.draft_id[self.vocab] = torch.arange(len(self.vocab))
+        self.outside = 0
 
     @property
     def target(self) -> nn.Module:
@@ -190,18 +208,39 @@ class DraftLMObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         needed = next_token_supervised(loss_mask, attention_mask, self.positions == "all")  # [B, T]
-        labels = input_ids[:, 1:][needed[:, :-1]]  # [M] the data's next tokens
-        with torch.no_grad():
-            hidden = target_forward(self.target, input_ids, attention_mask, logits_at=0, use_cache=False
-                                    ).hidden_states  # [B, T, H]
-            teacher = lm_logits(self.target, hidden[needed])  # [M, V]
+        labels = input_ids[:, 1:][needed[:, :-1]]                                          # [M] next tokens
+        rows = None
+        if self.vocab is not None:  # keep positions whose next token has a draft id; labels -> draft ids
+            mapped = self.draft_id.to(labels.device)[labels]                              # [M]
+            inside = mapped >= 0
+            self.outside += int((~inside).sum())
+            needed = needed.clone()
+            needed[needed.clone()] = inside
+            labels, rows = mapped[inside], self.vocab.to(labels.device)
+        teacher = None
+        if not self.teacher_free:
+            with torch.no_grad():
+                hidden = target_forward(self.target, input_ids, attention_mask, logits_at=0, use_cache=False
+                                        ).hidden_states                                  # [B, T, H]
+                teacher = _logits(self.target, hidden[needed], rows)                     # [M, V or N]
         draft = unwrap(self.drafter)
         draft_hidden = target_forward(draft, input_ids, attention_mask, logits_at=0, use_cache=False).hidden_states
-        student = lm_logits(draft, draft_hidden[needed])  # [M, V]
+        student = _logits(draft, draft_hidden[needed], rows)                               # [M, V or N]
         loss, _ = distill_loss(student, teacher, None, self.weights, self.temperature, labels, self.jsd_beta)
         m = labels.numel()
-        hits = int((student.argmax(-1) == teacher.argmax(-1)).sum())
+        hits = int((student.argmax(-1) == (labels if teacher is None else teacher.argmax(-1))).sum())
         return loss, torch.tensor([[loss.item() * m, hits, m]], dtype=torch.float64)
+
+
+def _logits(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The model's logits for hidden [M, H]: over the whole vocabulary [M, V], or only the token ids `rows` [M, N]
+    (those rows of its LM head)."""
+    if rows is None:
+        return lm_logits(model, hidden)
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        raise ValueError("a draft-vocabulary loss is not supported for models with final-logit soft-capping")
+    head = model.get_output_embeddings()
+    return F.linear(hidden, head.weight[rows], None if head.bias is None else head.bias[rows])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -210,16 +249,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def draft_agreement(draft: nn.Module, target: nn.Module, batches: Iterable[dict]) -> float:
+def draft_agreement(draft: nn.Module, target: nn.Module, batches: Iterable[dict], vocab: list[int] | None = None
+                    ) -> float:
     """Share of supervised positions where the draft's greedy next token is the target's (greedy acceptance of
-    the first drafted token, measured on held-out text)."""
+    the first drafted token, measured on held-out text). vocab: the draft's argmax is taken over those token ids
+    only, as it drafts at inference (FR-Spec)."""
+    rows = None if vocab is None else torch.tensor(sorted(set(vocab)))
     hits = count = 0
     for batch in batches:
         ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         needed = next_token_supervised(lm, am)
         t = lm_logits(target, target_forward(target, ids, am, logits_at=0, use_cache=False).hidden_states[needed])
-        d = lm_logits(unwrap(draft), target_forward(unwrap(draft), ids, am, logits_at=0, use_cache=False
-                                                    ).hidden_states[needed])
-        hits += int((t.argmax(-1) == d.argmax(-1)).sum())
+        h = target_forward(unwrap(draft), ids, am, logits_at=0, use_cache=False).hidden_states[needed]
+        d = lm_logits(unwrap(draft), h).argmax(-1) if rows is None else \
+            rows.to(h.device)[_logits(unwrap(draft), h, rows.to(h.device)).argmax(-1)]
+        hits += int((t.argmax(-1) == d).sum())
         count += int(needed.sum())
     return hits / max(count, 1)

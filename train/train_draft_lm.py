@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
 
 from train import recipe  # noqa: E402  (first: it sets DS_ACCELERATOR before anything imports deepspeed)
 from drafters.draft_lm import DRAFT_LM_KIND, add_lora, build_draft_lm, load_draft_lm, save_draft  # noqa: E402
+from drafters.vocab import get_draft_vocab  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.objectives import DraftLMObjective, draft_agreement, unwrap  # noqa: E402
 
@@ -37,7 +38,10 @@ class DraftLMRecipe(recipe.Recipe):
         trainable = sum(p.numel() for p in draft.parameters() if p.requires_grad)
         total = sum(p.numel() for p in draft.parameters())
         self._print(f"draft LM: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained")
-        return DraftLMObjective(draft, self.target, dc.losses, dc.temperature, dc.jsd_beta, dc.positions)
+        vocab = None
+        if dc.loss_vocab == "draft":  # FR-Spec in training too: the losses over the tokens it will draft
+            vocab = self.draft_vocab(dc.draft_vocab)["draft_vocab"]
+        return DraftLMObjective(draft, self.target, dc.losses, dc.temperature, dc.jsd_beta, dc.positions, vocab)
 
     def _new_draft(self):
         """The untrained draft in fp32: built from the target, or loaded (vocabulary checked) with provenance."""
@@ -54,6 +58,9 @@ class DraftLMRecipe(recipe.Recipe):
         """A fresh copy of the trained draft (same LoRA wrapping) loaded with the gathered weights, in the target's
         dtype; the held-out greedy agreement with the target is recorded in config.draftsmith."""
         dc, trained = self.cfg.drafter, self.engine.module.drafter
+        if self.engine.module.outside:
+            self._print(f"{self.engine.module.outside:,} supervised positions (this process) were left out: their "
+                        f"next token lies outside the {dc.draft_vocab:,}-token draft vocabulary")
         base = unwrap(trained)
         draft = type(base)(copy.deepcopy(base.config))
         if dc.lora:
@@ -62,8 +69,9 @@ class DraftLMRecipe(recipe.Recipe):
         draft = draft.to(device=self.d.device, dtype=self.target.dtype).eval()
         if dc.draft_vocab:
             self.record_draft_vocab(unwrap(draft).config, dc.draft_vocab)
-        if self.holdout:
-            agreement = draft_agreement(draft, self.target, self.holdout_batches())
+        if self.holdout:  # measured as it drafts: over the draft vocabulary when it has one
+            vocab = get_draft_vocab(unwrap(draft).config)
+            agreement = draft_agreement(draft, self.target, self.holdout_batches(), vocab)
             unwrap(draft).config.draftsmith = {**unwrap(draft).config.draftsmith, "heldout_agreement": agreement}
             self._print(f"held-out greedy agreement with the target ({len(self.holdout)} conversations): "
                         f"{agreement:.3f}")
