@@ -36,9 +36,14 @@ class DraftLMProposer:
     as alternatives at depth 1, a tree verified in the same target forward (on a CPU a few more nodes cost almost
     nothing, inference.calibrate); they need no extra draft forward, only the first step's logits.
 
+    confidence: drafting stops early once the draft's probability of its own token falls below it (the token is
+    still proposed): a dynamic draft length, like transformers' assistant_confidence_threshold; k is then the most
+    tokens a step drafts. 0 disables it.
+
     Adaptive k (adaptive=True), with a = drafted tokens the target accepted in the last step:
       a == k          -> k + 1 (at most k_max): the draft was right all the way, try a longer chain;
-      a <= 1, a < k   -> k - 1 (at least k_min): the first or second draft token was rejected; drafting further
+      a <= 1, a < d   -> k - 1 (at least k_min), d the tokens drafted (k, or fewer after a confidence stop): the
+                         first or second draft token was rejected; drafting further
                          costs draft forwards that are thrown away;
       otherwise       -> k unchanged.
     """
@@ -46,7 +51,7 @@ class DraftLMProposer:
     def __init__(self, draft_model: PreTrainedModel | PeftModel, k: int = 4, adaptive: bool = False,
                  k_min: int = 1, k_max: int = 8, temperature: float = 0.0,
                  generator: torch.Generator | None = None, draft_vocab: list[int] | None = None,
-                 siblings: int = 0):
+                 siblings: int = 0, confidence: float = 0.0):
         if not 1 <= k_min <= k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
         if not (k_min <= k <= k_max if adaptive else k >= 1):
@@ -59,7 +64,10 @@ class DraftLMProposer:
         if siblings < 0 or (siblings and temperature > 0):
             raise ValueError(f"siblings={siblings}: extra depth-1 candidates (>= 0) are for greedy drafting only "
                              f"(temperature 0, got {temperature}); use siblings=0 when sampling")
-        self.siblings = siblings
+        if not 0 <= confidence < 1:
+            raise ValueError(f"confidence={confidence} must be in [0, 1): drafting stops below this draft "
+                             "probability (0: never)")
+        self.siblings, self.confidence = siblings, confidence
         self.k, self.adaptive, self.k_min, self.k_max = k, adaptive, k_min, k_max
         self.temperature, self.generator = temperature, generator
         self.vocab, self.head = self._draft_head(draft_vocab)
@@ -91,18 +99,20 @@ class DraftLMProposer:
                                 ).hidden_states[0, -1]                  # [H]
         return F.linear(hidden, self.head)                              # [N]
 
-    def _draw(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    def _draw(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
         """One draft token from logits [V] or [N] (the draft vocabulary): argmax, or a sample with its
-        distribution q [V] over the full vocabulary."""
+        distribution q [V] over the full vocabulary; and the token's draft probability when `confidence` is set
+        (at temperature 1 for greedy drafts), else 1."""
         if self.temperature == 0:
             i = int(logits.argmax())
-            return (i if self.vocab is None else int(self.vocab[i])), None
+            p = float(torch.softmax(logits.float(), dim=-1)[i]) if self.confidence else 1.0
+            return (i if self.vocab is None else int(self.vocab[i])), None, p
         q = torch.softmax(logits.float() / self.temperature, dim=-1)
         i = int(sample(q, self.generator))
         if self.vocab is None:
-            return i, q
+            return i, q, float(q[i])
         full = torch.zeros(self.vocab_size, device=q.device)
-        return int(self.vocab[i]), full.scatter_(0, self.vocab, q)
+        return int(self.vocab[i]), full.scatter_(0, self.vocab, q), float(q[i])
 
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
         """input_ids [T]: the prompt, queued for a fresh draft cache (the first propose prefills it together with
@@ -111,8 +121,9 @@ class DraftLMProposer:
         self.tail, self.pending = [], input_ids.tolist()
 
     def propose(self, root: int) -> TokenTree:
-        """Feed pending accepted tokens + root, then draft k tokens (k draft forwards in all): greedily, or
-        sampled at the temperature, with the draft distributions q_i attached for speculative sampling."""
+        """Feed pending accepted tokens + root, then draft k tokens (k draft forwards in all; fewer when the
+        confidence stop ends the chain): greedily, or sampled at the temperature, with the draft distributions q_i
+        attached for speculative sampling."""
         if self.cache is None:
             raise RuntimeError("DraftLMProposer.propose called before begin(input_ids, hidden_states)")
         self.tail = [root]
@@ -121,15 +132,16 @@ class DraftLMProposer:
         extra = self._runners_up(logits)
         drafts, probs = [], []
         for i in range(self.k):
-            token, q = self._draw(logits)                                # q_i [V] when sampling
+            token, q, p = self._draw(logits)                             # q_i [V] when sampling
             drafts.append(token)
             if q is not None:
                 probs.append(q)
-            if i < self.k - 1:  # the last draft token is not fed: its logits would be unused
-                logits = self.draft_forward(drafts[-1:])
-                self.tail.append(drafts[-1])
-        if extra:  # root -> chain of k drafts, plus the runners-up of the first as its siblings
-            return TokenTree(torch.tensor([root] + drafts + extra), list(range(-1, self.k)) + [0] * len(extra))
+            if i == self.k - 1 or p < self.confidence:  # the last draft token is not fed: its logits are unused
+                break
+            logits = self.draft_forward(drafts[-1:])
+            self.tail.append(drafts[-1])
+        if extra:  # root -> chain of the drafts, plus the runners-up of the first as its siblings
+            return TokenTree(torch.tensor([root] + drafts + extra), list(range(-1, len(drafts))) + [0] * len(extra))
         return TokenTree.chain(torch.tensor([root] + drafts), torch.stack(probs) if probs else None)
 
     def _runners_up(self, logits: torch.Tensor) -> list[int]:
@@ -142,17 +154,17 @@ class DraftLMProposer:
     def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
         """tokens [n]: root + the n - 1 accepted drafts, now in the target's cache. Roll the draft cache back to
         the accepted prefix of what it drafted; queue accepted tokens it does not hold yet."""
-        accepted = tokens.tolist()
+        accepted, drafted = tokens.tolist(), len(self.tail)  # tail: root + all drafts but the last
         kept = 0 if self.pending else _common_prefix_len(self.tail, accepted)
         self.cache.crop(-(len(self.tail) - kept))  # transformers 5: a negative count removes that many tokens
         self.pending += accepted[kept:]
         self.tail = []
         if self.adaptive:
-            self.k = self._next_k(len(accepted) - 1)
+            self.k = self._next_k(len(accepted) - 1, drafted)
 
-    def _next_k(self, a: int) -> int:
+    def _next_k(self, a: int, drafted: int) -> int:
         if a >= self.k:
             return min(self.k + 1, self.k_max)
-        if a <= 1:
+        if a <= 1 and a < drafted:
             return max(self.k - 1, self.k_min)
         return self.k

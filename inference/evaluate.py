@@ -135,7 +135,7 @@ def drafter_kind(drafter) -> str:
 def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_tree_nodes: int = 64, draft_k: int = 4,
                   adaptive_k: bool = True, full_draft_vocab: bool = False, temperature: float = 0.0,
                   generator: torch.Generator | None = None, tree_depth: int = 5, tree_topk: int = 4,
-                  draft_siblings: int = 0):
+                  draft_siblings: int = 0, draft_confidence: float = 0.0):
     """The drafter's proposer and a description of its setup (the calibrated tree for Medusa; k and the draft
     vocabulary for draft LMs: the frequent-token set recorded at training, unless full_draft_vocab)."""
     vocab = None if full_draft_vocab else get_draft_vocab(drafter.config)
@@ -147,9 +147,10 @@ def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_t
         return proposer, {**setup, "eagle_version": drafter.config.eagle_version, "draft_vocab": len(proposer.ids)}
     proposer = DraftLMProposer(drafter, k=draft_k, adaptive=adaptive_k, k_max=max(8, draft_k),
                                temperature=temperature, generator=generator, draft_vocab=vocab,
-                               siblings=draft_siblings)
+                               siblings=draft_siblings, confidence=draft_confidence)
     cost = draft_cost_ratio(target, proposer)
     return proposer, {"k": draft_k, "adaptive": adaptive_k, "k_max": proposer.k_max, "siblings": draft_siblings,
+                      "confidence": draft_confidence,
                       "draft_vocab": len(vocab) if vocab else "full", **cost}
 
 
@@ -199,7 +200,7 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                      max_tree_nodes: int = 64, draft_k: int = 4, adaptive_k: bool = True,
                      full_draft_vocab: bool = False, compare_hf: bool = False, seed: int = 0, progress: bool = True,
                      pack: bool = True, tree_depth: int = 5, tree_topk: int = 4, typical: bool = False,
-                     draft_siblings: int = 0) -> dict:
+                     draft_siblings: int = 0, draft_confidence: float = 0.0) -> dict:
     """Run the evaluation and return the report (see the module docstring). pack: on CPU, run target and
     drafter with oneDNN-prepacked linear layers and the target with grouped-query attention that does not copy its
     KV cache (inference.packing), both for plain and speculative decoding.
@@ -217,7 +218,7 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     qs = load_questions(questions, per_category=per_category, limit=limit)
     options = dict(tree=tree, max_tree_nodes=max_tree_nodes, draft_k=draft_k, adaptive_k=adaptive_k,
                    full_draft_vocab=full_draft_vocab, tree_depth=tree_depth, tree_topk=tree_topk,
-                   draft_siblings=draft_siblings)
+                   draft_siblings=draft_siblings, draft_confidence=draft_confidence)
     with packed_linears(target, enabled=pack) as packed, packed_linears(drafter, enabled=pack) as packed_drafter, \
             grouped_query_attention(target, enabled=pack) as grouped:
         if kind in ("medusa", "eagle"):
@@ -375,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fixed-k", action="store_true", help="draft LMs: keep k fixed (default: adaptive k)")
     p.add_argument("--draft-siblings", type=int, default=0, help="draft LMs, greedy: also verify the draft's next "
                    "N ranked first tokens (a tree: the chain plus N alternatives at depth 1)")
+    p.add_argument("--draft-confidence", type=float, default=0.0, help="draft LMs: stop a step's chain once the "
+                   "draft's probability of its token is below this (0: off; transformers' assisted generation uses "
+                   "0.4); --draft-k is then the longest chain")
     p.add_argument("--full-draft-vocab", action="store_true", help="draft LMs: draft over the whole vocabulary "
                    "even when the draft records a frequent-token set (drafter.draft_vocab at training)")
     p.add_argument("--compare-hf", action="store_true", help="draft LMs: also time transformers' assisted "
@@ -388,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--check-lossless compares against greedy decoding: use --temperature 0")
     if args.draft_siblings and args.temperature != 0:
         p.error("--draft-siblings adds greedy alternatives: use it with --temperature 0")
+    if not 0 <= args.draft_confidence < 1:
+        p.error(f"--draft-confidence {args.draft_confidence} must be in [0, 1) (0: off)")
     if args.typical_acceptance and args.temperature == 0:
         p.error("--typical-acceptance applies to sampling: give --temperature > 0")
     target, tokenizer = load_target(args.target, dtype=args.dtype)
@@ -401,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
                               adaptive_k=not args.fixed_k, full_draft_vocab=args.full_draft_vocab,
                               compare_hf=args.compare_hf, seed=args.seed,
                               pack=not args.no_pack, tree_depth=args.tree_depth, tree_topk=args.tree_topk,
-                              typical=args.typical_acceptance, draft_siblings=args.draft_siblings)
+                              typical=args.typical_acceptance, draft_siblings=args.draft_siblings,
+                              draft_confidence=args.draft_confidence)
     print(format_table(report))
     if args.output:
         write_report(report, args.output)

@@ -263,3 +263,27 @@ def test_sibling_candidates_are_lossless_and_save_target_forwards(arch):
     assert tree.tokens[[1, 4, 5]].tolist() == first.topk(3).indices.tolist()
     with pytest.raises(ValueError, match="greedy drafting only"):
         DraftLMProposer(draft, temperature=1.0, siblings=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_confidence_stop_shortens_chains_and_stays_lossless(arch):
+    """confidence: a step's chain ends after the first draft token whose own probability is below it; the
+    draft cache still holds root + the fed drafts, and decoding stays the target's greedy output."""
+    target = make_tiny_target(arch)
+    draft = build_draft_lm(target, 1, [0]).eval()
+    first = torch.softmax(draft(torch.cat([PROMPT, torch.tensor([7])])[None]).logits[0, -1], -1).max().item()
+    lengths = {}
+    for confidence in (0.0, first + 1e-6 if first < 1 else 0.999, first / 2):
+        proposer = DraftLMProposer(draft, k=4, confidence=confidence)
+        proposer.begin(PROMPT, None)
+        tree = proposer.propose(7)
+        lengths[confidence] = len(tree) - 1
+        assert proposer.cache.get_seq_length() == len(PROMPT) + len(tree) - 1  # prompt + root + fed drafts
+    assert list(lengths.values())[:2] == [4, 1] and list(lengths.values())[2] >= 2  # the first token passes
+    for prompt in (PROMPT, torch.tensor([1, 5]), torch.tensor([1, 200, 201, 202, 203, 3, 3, 90])):
+        for adaptive in (False, True):
+            result = speculative_generate(target, DraftLMProposer(draft, k=4, adaptive=adaptive, confidence=0.5),
+                                          prompt, 40, EOS)
+            assert result.tokens == hf_greedy(target, prompt, 40)
+    with pytest.raises(ValueError, match=r"confidence=1.0 must be in \[0, 1\)"):
+        DraftLMProposer(draft, confidence=1.0)

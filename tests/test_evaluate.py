@@ -65,6 +65,10 @@ def test_check_lossless_needs_greedy(saved, capsys):
         main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
               "--check-lossless", "--temperature", "0.7"])
     assert "--check-lossless compares against greedy decoding: use --temperature 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
+              "--draft-confidence", "1.5"])
+    assert "--draft-confidence 1.5 must be in [0, 1) (0: off)" in capsys.readouterr().err
 
 
 def test_prompt_at_multi_turn_boundary_is_lossless(saved):

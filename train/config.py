@@ -213,6 +213,7 @@ class EvalConfig:
     draft_k: int = 4  # draft LMs: tokens drafted per step (start value when adaptive)
     adaptive_k: bool = True
     draft_siblings: int = 0  # draft LMs, greedy: the draft's next N first tokens verified too (depth-1 alternatives)
+    draft_confidence: float = 0.0  # draft LMs: end a chain once the draft's own probability is below this (0: off)
     compare_hf: bool = False  # draft LMs: also time transformers' assisted generation with the same draft
     full_draft_vocab: bool = False  # draft LMs: ignore a recorded frequent-token draft vocabulary
 
@@ -224,6 +225,7 @@ class EvalConfig:
         _check(self.draft_siblings >= 0, "eval.draft_siblings", self.draft_siblings, "must be >= 0")
         _check(not (self.draft_siblings and self.temperature > 0), "eval.draft_siblings", self.draft_siblings,
                "is for greedy evaluation (eval.temperature 0)")
+        _check(0 <= self.draft_confidence < 1, "eval.draft_confidence", self.draft_confidence, "must be in [0, 1)")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
         _check(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0")
 
