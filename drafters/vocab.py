@@ -59,13 +59,19 @@ def draft_vocab_entry(ds, num_train: int, holdout: list[int], vocab_size: int, s
     return {"draft_vocab": vocab, "draft_vocab_heldout_coverage": coverage}
 
 
-def draft_head_rows(weight: torch.Tensor, draft_vocab: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the sorted draft vocabulary [N], the LM-head rows of those tokens [N, H]) from a head weight [V, H]."""
-    vocab = torch.tensor(sorted(set(draft_vocab)), device=weight.device)
-    if len(vocab) == 0 or vocab[0] < 0 or vocab[-1] >= weight.shape[0]:
-        raise ValueError(f"draft_vocab must be token ids in [0, {weight.shape[0]}); got {len(vocab)} ids "
+def draft_ids(draft_vocab: list[int], vocab_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The draft vocabulary as sorted, distinct token ids [N], checked to lie in [0, vocab_size)."""
+    vocab = torch.tensor(sorted(set(draft_vocab)), device=device)
+    if len(vocab) == 0 or vocab[0] < 0 or vocab[-1] >= vocab_size:
+        raise ValueError(f"draft_vocab must be token ids in [0, {vocab_size}); got {len(vocab)} ids "
                          f"from {vocab.min().item() if len(vocab) else None} to "
                          f"{vocab.max().item() if len(vocab) else None}")
+    return vocab
+
+
+def draft_head_rows(weight: torch.Tensor, draft_vocab: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sorted draft vocabulary [N], the LM-head rows of those tokens [N, H]) from a head weight [V, H]."""
+    vocab = draft_ids(draft_vocab, weight.shape[0], weight.device)
     return vocab, weight.detach()[vocab].contiguous()
 
 

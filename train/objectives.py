@@ -19,6 +19,7 @@ from peft import PeftModel
 from torch import nn
 
 from drafters import MedusaModel
+from drafters.vocab import draft_ids
 from inference.target import lm_logits, target_forward
 from train.losses import distill_loss
 
@@ -193,10 +194,7 @@ class DraftLMObjective(nn.Module):
         vocab_size = unwrap(drafter).get_output_embeddings().weight.shape[0]
         self.vocab = self.draft_id = None
         if vocab is not None:
-            self.vocab = torch.tensor(sorted(set(vocab)))                                 # [N] target ids
-            if not (0 <= int(self.vocab[0]) and int(self.vocab[-1]) < vocab_size):
-                raise ValueError(f"vocab must be token ids in [0, {vocab_size}); got ids {int(self.vocab[0])}.."
-                                 f"{int(self.vocab[-1])}")
+            self.vocab = draft_ids(vocab, vocab_size)                                     # [N] target ids
             self.draft_id = torch.full((vocab_size,), -1, dtype=torch.long)              # [V] target id -> draft id
             self.draft_id[self.vocab] = torch.arange(len(self.vocab))
         self.outside = 0
@@ -254,15 +252,17 @@ def draft_agreement(draft: nn.Module, target: nn.Module, batches: Iterable[dict]
     """Share of supervised positions where the draft's greedy next token is the target's (greedy acceptance of
     the first drafted token, measured on held-out text). vocab: the draft's argmax is taken over those token ids
     only, as it drafts at inference (FR-Spec)."""
-    rows = None if vocab is None else torch.tensor(sorted(set(vocab)))
+    draft = unwrap(draft)
+    head = draft.get_output_embeddings().weight
+    rows = None if vocab is None else draft_ids(vocab, head.shape[0], head.device)     # [N]
     hits = count = 0
     for batch in batches:
         ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         needed = next_token_supervised(lm, am)
         t = lm_logits(target, target_forward(target, ids, am, logits_at=0, use_cache=False).hidden_states[needed])
-        h = target_forward(unwrap(draft), ids, am, logits_at=0, use_cache=False).hidden_states[needed]
-        d = lm_logits(unwrap(draft), h).argmax(-1) if rows is None else \
-            rows.to(h.device)[_logits(unwrap(draft), h, rows.to(h.device)).argmax(-1)]
+        h = target_forward(draft, ids, am, logits_at=0, use_cache=False).hidden_states[needed]
+        d = _logits(draft, h, rows).argmax(-1)                                            # [M] ids or rows' indices
+        d = d if rows is None else rows[d]
         hits += int((t.argmax(-1) == d).sum())
         count += int(needed.sum())
     return hits / max(count, 1)

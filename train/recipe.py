@@ -45,6 +45,7 @@ class Recipe:
     def __init__(self, cfg: TrainConfig, local_rank: int | None = None):
         self.cfg = cfg
         self.local_rank = local_rank
+        self._draft_vocabs: dict[int, dict] = {}  # draft_vocab(n), counted once
 
     # --- what a drafter kind provides -------------------------------------------------------------------------
 
@@ -132,9 +133,12 @@ class Recipe:
 
     def draft_vocab(self, n: int) -> dict:
         """FR-Spec / EAGLE-3: the n most frequent tokens of the training conversations (`draft_vocab`), with the share
-        of the held-out assistant tokens they cover (`draft_vocab_heldout_coverage`)."""
-        return draft_vocab_entry(self.ds, len(self.train_lengths), self.holdout,
-                                 self.target.config.get_text_config().vocab_size, n)
+        of the held-out assistant tokens they cover (`draft_vocab_heldout_coverage`). Counted once per n: training
+        and the saved drafter use the same entry."""
+        if n not in self._draft_vocabs:
+            self._draft_vocabs[n] = draft_vocab_entry(self.ds, len(self.train_lengths), self.holdout,
+                                                      self.target.config.get_text_config().vocab_size, n)
+        return self._draft_vocabs[n]
 
     def record_draft_vocab(self, config, n: int) -> None:
         """The draft vocabulary (see draft_vocab) into config.draftsmith."""

@@ -103,8 +103,7 @@ class EagleRecipe(recipe.Recipe):
         dc = self.cfg.drafter
         vocab = None
         if dc.version == 3 and dc.draft_vocab:
-            self.vocab_entry = self.draft_vocab(dc.draft_vocab)
-            vocab = self.vocab_entry["draft_vocab"]
+            vocab = self.draft_vocab(dc.draft_vocab)["draft_vocab"]
         return self.objective_for(EagleModel.from_target(self.target, dc.version, dc.feature_layers, vocab).float())
 
     def objective_for(self, drafter: EagleModel) -> Eagle1Objective | Eagle3Objective:
@@ -123,7 +122,8 @@ class EagleRecipe(recipe.Recipe):
         if dc.version == 1 and dc.draft_vocab:
             self.record_draft_vocab(drafter.config, dc.draft_vocab)
         elif dc.version == 3 and dc.draft_vocab:
-            drafter.config.draftsmith = {"draft_vocab_heldout_coverage": self.vocab_entry["draft_vocab_heldout_coverage"]}
+            coverage = self.draft_vocab(dc.draft_vocab)["draft_vocab_heldout_coverage"]
+            drafter.config.draftsmith = {"draft_vocab_heldout_coverage": coverage}
         if self.holdout:
             drafter.config.step_accuracy, drafter.config.step_topk_accuracy = self.heldout_accuracy(drafter)
             self._print(f"held-out top-1 accuracy per draft step ({len(self.holdout)} conversations): "
