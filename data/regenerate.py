@@ -63,23 +63,20 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return input_ids, attention_mask
 
 
-def _next_tokens(logits: torch.Tensor, temperature: float, generators: list[torch.Generator],
-                 active: list[bool]) -> torch.Tensor:
+def _next_tokens(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
     """logits [B, V] -> next token [B]: argmax, or a sample at the temperature from each row's own generator
-    (finished rows draw nothing, so a row's samples do not depend on its batch mates)."""
+    (so a row's samples do not depend on its batch mates)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    out = torch.zeros(len(active), dtype=torch.long, device=logits.device)
-    for i in (i for i, a in enumerate(active) if a):
-        out[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
-    return out
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
 
 @torch.no_grad()
 def generate_batch(target: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int, stop: set[int],
                    pad_id: int, temperature: float, generators: list[torch.Generator]) -> list[list[int]]:
-    """Continue every prompt until a stop token (kept) or max_new_tokens; returns the new tokens of each."""
+    """Continue every prompt until a stop token (kept) or max_new_tokens; returns the new tokens of each.
+    A finished row leaves the batch, cache included, so the batch's later steps cost only its unfinished rows."""
     device = target.get_input_embeddings().weight.device
     input_ids, attention_mask = left_pad(prompts, pad_id, device)           # [B, T]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)             # [B, T], 0 at each prompt's start
@@ -87,17 +84,21 @@ def generate_batch(target: PreTrainedModel, prompts: list[list[int]], max_new_to
     out = target_forward(target, input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, logits_at=1, use_cache=True)
     new: list[list[int]] = [[] for _ in prompts]
-    active = [True] * len(prompts)
+    rows = list(range(len(prompts)))  # the prompts still generating: row j of the batch continues prompt rows[j]
     for step in range(max_new_tokens):
-        tokens = _next_tokens(out.logits[:, -1], temperature, generators, active)  # [B]
-        for i, t in enumerate(tokens.tolist()):
-            if active[i]:
-                new[i].append(t)
-                active[i] = t not in stop
-        if not any(active) or step == max_new_tokens - 1:
+        tokens = _next_tokens(out.logits[:, -1], temperature, [generators[i] for i in rows])  # [len(rows)]
+        for i, t in zip(rows, tokens.tolist()):
+            new[i].append(t)
+        keep = [j for j, i in enumerate(rows) if new[i][-1] not in stop]
+        if not keep or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
-        position_ids = position_ids[:, -1:] + 1                             # [B, 1]
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            attention_mask, position_ids, tokens = attention_mask[index], position_ids[index], tokens[index]
+            rows = [rows[j] for j in keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1                             # [B', 1]
         out = target_forward(target, tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, logits_at=1, use_cache=True)
     return new

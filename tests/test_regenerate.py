@@ -76,6 +76,20 @@ def test_batched_greedy_equals_hf_generate_and_samples_ignore_batch_mates():
     assert together == alone and together != greedy
 
 
+def test_finished_rows_leave_the_batch_without_changing_the_others():
+    target = make_tiny_target("qwen2")
+    prompts = [[1, 17, 33, 250, 9, 120, 7], [1, 5], [1, 200, 201, 202, 3, 90], [1, 44, 45]]
+    free = generate_batch(target, prompts, 10, set(), 0, 0.0, [None] * 4)
+    stop = {free[1][2], free[3][5]}  # rows 1 and 3 stop early (at the latest), so the batch shrinks twice
+    stopped = generate_batch(target, prompts, 10, stop, 0, 0.0, [None] * 4)
+    for prompt, tokens in zip(prompts, stopped):
+        hf = target.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=sorted(stop),
+                             pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == hf
+    lengths = sorted(len(t) for t in stopped)
+    assert lengths[0] <= 3 and lengths[-1] == 10 and len(set(lengths)) > 1  # rows did finish at different steps
+
+
 def test_stopped_then_resumed_equals_uninterrupted(assets, reference, tmp_path):
     target, source = assets
     temperature, expected = reference
