@@ -41,6 +41,9 @@ class EagleConfig(PretrainedConfig):
         hidden_states[i + 1]). draft_vocab_size (EAGLE-3): rows of its LM head. step_accuracy: held-out top-1
         accuracy per draft depth, written by training; step_topk_accuracy[d][i]: the share where the rank-i token
         of depth d is the target's (not cumulative; column 0 is step_accuracy), which sizes the evaluation's tree."""
+        if eagle_version == 1 and feature_layers:
+            raise ValueError(f"EAGLE-1 reads the target's last hidden state; feature_layers {feature_layers} are "
+                             "for EAGLE-3 (eagle_version=3)")
         self.eagle_version = eagle_version
         self.target_config = target_config or {}
         self.feature_layers = feature_layers
@@ -54,6 +57,12 @@ class EagleConfig(PretrainedConfig):
     @property
     def hidden(self) -> int:
         return self.target_config["hidden_size"]
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the target features the drafter reads: the last hidden state (EAGLE-1), or EAGLE-3's
+        fused layers side by side."""
+        return self.hidden * len(self.feature_layers or [None])
 
     @property
     def target_vocab(self) -> int:
@@ -211,11 +220,9 @@ class EagleModel(PreTrainedModel):
             bad = [i for i in feature_layers if not 0 <= i < L]
             if bad:
                 raise ValueError(f"feature_layers {bad} are not decoder layers of the target (it has {L}: 0..{L - 1})")
-        elif feature_layers:
-            raise ValueError("EAGLE-1 reads the target's last hidden state; feature_layers are for EAGLE-3")
         vocab = sorted(set(draft_vocab)) if draft_vocab is not None and version == 3 else None
         config = EagleConfig(
-            eagle_version=version, target_config=tc.to_dict(), feature_layers=feature_layers if version == 3 else None,
+            eagle_version=version, target_config=tc.to_dict(), feature_layers=feature_layers,
             draft_vocab_size=(len(vocab) if vocab else tc.vocab_size) if version == 3 else None,
             target_name_or_path=target_name_or_path or tc._name_or_path or None,
             target_revision=getattr(tc, "_commit_hash", None),

@@ -74,7 +74,7 @@ class EagleProposer:
         self.paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p)) if paths else []
         self.path_set = set(self.paths)
         self.parent_paths = {p[:-1] for p in self.paths}                        # static nodes with children
-        self.feature_layers = drafter.config.feature_layers if drafter.config.eagle_version == 3 else None
+        self.feature_layers = drafter.config.feature_layers                   # EAGLE-3's; None for EAGLE-1
         weight = drafter.head_weight()
         if draft_vocab is not None and drafter.config.eagle_version == 1:
             self.ids, self.head = draft_head_rows(weight, draft_vocab)          # [N], [N, H]

@@ -95,7 +95,7 @@ def eagle_proposer(drafter: EagleModel, target: PreTrainedModel, tree: str, max_
     make = lambda paths: EagleProposer(drafter, "static", paths=paths, draft_vocab=draft_vocab)  # noqa: E731
     if tree == "auto":
         proposer, setup["calibration"] = calibrated_tree(eagle_accuracy(drafter)[:depth], target, make,
-                                                         eagle_feature_width(drafter), max_nodes)
+                                                         drafter.config.feature_width, max_nodes)
     else:
         proposer = make(fixed_paths(tree, depth))
     return proposer, {**setup, "nodes": len(proposer.paths) + 1, "paths": [list(p) for p in proposer.paths]}
@@ -112,12 +112,6 @@ def eagle_accuracy(drafter: EagleModel) -> list[list[float]]:
     print("warning: the EAGLE drafter records no held-out accuracy; sizing the tree with a prior guess",
           file=sys.stderr)
     return PRIOR_ACCURACY
-
-
-def eagle_feature_width(drafter: EagleModel) -> int:
-    """Width of the target features the drafter reads: the last hidden state, or EAGLE-3's fused layers."""
-    layers = drafter.config.feature_layers if drafter.config.eagle_version == 3 else None
-    return drafter.config.hidden * (len(layers) if layers else 1)
 
 
 def drafter_kind(drafter) -> str:

@@ -78,6 +78,14 @@ def test_default_feature_layers():
     assert default_feature_layers(2) == [0, 1]                      # clipped into a 2-layer target, distinct
 
 
+def test_feature_width_and_eagle1_refuses_feature_layers():
+    target = make_tiny_target()  # hidden 64, 2 layers
+    assert EagleModel.from_target(target, version=1).config.feature_width == 64
+    assert EagleModel.from_target(target, version=3, feature_layers=[0, 1]).config.feature_width == 128
+    with pytest.raises(ValueError, match="EAGLE-1 reads the target's last hidden state"):
+        EagleModel.from_target(target, version=1, feature_layers=[0])
+
+
 def test_save_load_round_trip_and_foreign_target_refused(tmp_path):
     target = make_tiny_target("llama")
     drafter = trained_eagle(target, 3, steps=2, draft_vocab=list(range(50)))
