@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--drafter needs --questions")
     target, tokenizer = load_target(args.target)
     drafter = load_drafter(args.drafter, target) if args.drafter else None
-    with packed_linears(target), packed_linears(drafter or torch.nn.Module()):
+    with packed_linears(target), packed_linears(drafter, enabled=drafter is not None):
         if drafter is not None and hasattr(drafter, "attach_target"):
             drafter.attach_target(target)  # a drafter sharing the target's LM head uses the packed one
         ms = verify_forward_ms(target, args.nodes, args.context_len, args.rounds)

@@ -123,3 +123,6 @@ def test_attention_benchmark_decodes_identically_with_both_attentions(saved, cap
     assert rows["plain"][:4] == ["36", "tokens,", "36", "target"]  # 3 questions x 12 tokens
     assert rows["sdpa"][0] == rows["grouped"][0] == "36" and rows["sdpa"][2] == rows["grouped"][2]
     assert int(rows["sdpa"][2]) < 36  # fewer target forwards than tokens: drafts were accepted
+    bench_main(["--target", saved["target"], "--rounds", "1"])  # the verify forward alone, no drafter
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("verify forward, 6 nodes on a 300-token cache, median of 1: sdpa ")
