@@ -70,21 +70,24 @@ class DraftLMProposer:
         self.siblings, self.confidence = siblings, confidence
         self.k, self.adaptive, self.k_min, self.k_max = k, adaptive, k_min, k_max
         self.temperature, self.generator = temperature, generator
-        self.vocab, self.head = self._draft_head(draft_vocab)
+        self.vocab, self.head, self.head_bias = self._draft_head(draft_vocab)
         self.vocab_size = self.draft.get_output_embeddings().weight.shape[0]
         self.cache: DynamicCache | None = None
         self.tail: list[int] = []
         self.pending: list[int] = []
 
-    def _draft_head(self, draft_vocab: list[int] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _draft_head(self, draft_vocab: list[int] | None) -> tuple[torch.Tensor | None, ...]:
         """FR-Spec (Zhao et al., 2025): draft over the most frequent tokens only, with the LM head's rows of those
-        tokens ([N, H] instead of [V, H]). On a small model the LM head is much of a draft step's cost (SmolLM2:
-        28M of 135M parameters). Verification is unchanged, so decoding stays lossless; q is 0 outside the set."""
+        tokens ([N, H] instead of [V, H]; its bias [N] if it has one). On a small model the LM head is much of a
+        draft step's cost (SmolLM2: 28M of 135M parameters). Verification is unchanged, so decoding stays
+        lossless; q is 0 outside the set."""
         if draft_vocab is None:
-            return None, None
+            return None, None, None
         if getattr(self.draft.config, "final_logit_softcapping", None) is not None:
             raise ValueError("draft_vocab is not supported for drafts with final-logit soft-capping")
-        return draft_head_rows(self.draft.get_output_embeddings().weight, draft_vocab)
+        head = self.draft.get_output_embeddings()
+        vocab, rows = draft_head_rows(head.weight, draft_vocab)
+        return vocab, rows, None if head.bias is None else head.bias.detach()[vocab]
 
     @torch.no_grad()
     def draft_forward(self, tokens: list[int]) -> torch.Tensor:
@@ -97,7 +100,7 @@ class DraftLMProposer:
                                   ).logits[0, -1]
         hidden = target_forward(self.draft, ids, past_key_values=self.cache, logits_at=0, use_cache=True
                                 ).hidden_states[0, -1]                  # [H]
-        return F.linear(hidden, self.head)                              # [N]
+        return F.linear(hidden, self.head, self.head_bias)              # [N]
 
     def _draw(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
         """One draft token from logits [V] or [N] (the draft vocabulary): argmax, or a sample with its

@@ -190,9 +190,10 @@ def test_small_draft_is_lossless_with_rejections(arch, adaptive):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_frequent_token_draft_vocab_is_lossless_and_drafts_inside_it(arch):
     """FR-Spec drafting: proposals come from the draft vocabulary only, equal the draft's argmax over it, and
-    verification keeps the output the target's."""
+    verification keeps the output the target's. The LM head's bias counts as in the full head."""
     target = make_tiny_target(arch)
     draft = build_draft_lm(target, 1, [0]).eval()
+    draft.lm_head.bias = torch.nn.Parameter(10 * torch.randn(256, generator=torch.Generator().manual_seed(0)))
     vocab = list(range(0, 256, 2)) + [2]  # even ids and eos
     proposer = DraftLMProposer(draft, k=3, draft_vocab=vocab)
     result = speculative_generate(target, proposer, PROMPT, 40, EOS)
