@@ -69,6 +69,16 @@ def draft_ids(draft_vocab: list[int], vocab_size: int, device: torch.device | st
     return vocab
 
 
+def vocab_head(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A causal LM's LM head restricted to the token ids [N]: (weight rows [N, H], bias rows [N] or None), for
+    logits over a draft vocabulary. Refuses models with final-logit soft-capping (it caps the full logits)."""
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"a draft vocabulary is not supported for {type(model).__name__}: it has final-logit "
+                         "soft-capping; use the full vocabulary (no draft_vocab / loss_vocab: full)")
+    head = model.get_output_embeddings()
+    return head.weight[ids], None if head.bias is None else head.bias[ids]
+
+
 def draft_head_rows(weight: torch.Tensor, draft_vocab: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(the sorted draft vocabulary [N], the LM-head rows of those tokens [N, H]) from a head weight [V, H]."""
     vocab = draft_ids(draft_vocab, weight.shape[0], weight.device)

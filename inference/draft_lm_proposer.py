@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel
 
-from drafters.vocab import draft_head_rows
+from drafters.vocab import draft_ids, vocab_head
 
 from .speculative import sample
 from .target import target_forward
@@ -83,11 +83,10 @@ class DraftLMProposer:
         lossless; q is 0 outside the set."""
         if draft_vocab is None:
             return None, None, None
-        if getattr(self.draft.config, "final_logit_softcapping", None) is not None:
-            raise ValueError("draft_vocab is not supported for drafts with final-logit soft-capping")
-        head = self.draft.get_output_embeddings()
-        vocab, rows = draft_head_rows(head.weight, draft_vocab)
-        return vocab, rows, None if head.bias is None else head.bias.detach()[vocab]
+        weight = self.draft.get_output_embeddings().weight
+        vocab = draft_ids(draft_vocab, weight.shape[0], weight.device)                  # [N]
+        rows, bias = vocab_head(self.draft, vocab)                                       # [N, H], [N] or None
+        return vocab, rows.detach().contiguous(), None if bias is None else bias.detach()
 
     @torch.no_grad()
     def draft_forward(self, tokens: list[int]) -> torch.Tensor:

@@ -90,6 +90,18 @@ def test_draft_vocab_loss_equals_direct_computation(tiny_target):
     assert objective.outside == len(supervised) - len(terms) > 0
 
 
+def test_draft_vocabulary_refused_with_final_logit_softcapping(tiny_target):
+    """Soft-capping caps the full logits, so neither the draft-vocabulary loss nor drafting over one applies."""
+    from inference.draft_lm_proposer import DraftLMProposer
+    draft, ids, attention_mask, loss_mask = _direct_objective_case(tiny_target)
+    draft.config.final_logit_softcapping = 30.0
+    objective = DraftLMObjective(draft, tiny_target, {"ce": 1.0}, vocab=list(range(128)))
+    with pytest.raises(ValueError, match="final-logit soft-capping"):
+        objective(ids, attention_mask, loss_mask)
+    with pytest.raises(ValueError, match="final-logit soft-capping"):
+        DraftLMProposer(draft, draft_vocab=list(range(128)))
+
+
 def test_ce_alone_never_runs_the_target(tiny_target):
     """With 'ce' the only loss the teacher is not needed: the target sees no forward, the loss is the draft's CE
     on the data's next tokens and hits count its argmax against them."""

@@ -19,7 +19,7 @@ from peft import PeftModel
 from torch import nn
 
 from drafters import MedusaModel
-from drafters.vocab import draft_ids
+from drafters.vocab import draft_ids, vocab_head
 from inference.target import lm_logits, target_forward
 from train.losses import distill_loss
 
@@ -235,10 +235,7 @@ def _logits(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | None) -
     (those rows of its LM head)."""
     if rows is None:
         return lm_logits(model, hidden)
-    if getattr(model.config, "final_logit_softcapping", None) is not None:
-        raise ValueError("a draft-vocabulary loss is not supported for models with final-logit soft-capping")
-    head = model.get_output_embeddings()
-    return F.linear(hidden, head.weight[rows], None if head.bias is None else head.bias[rows])
+    return F.linear(hidden, *vocab_head(model, rows))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
