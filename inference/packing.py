@@ -11,7 +11,8 @@ speedups stay like-for-like.
     with packed_linears(target), packed_linears(drafter), grouped_query_attention(target):
         ...  # inference only: no autograd through packed layers
 
-Packing is skipped (and the context does nothing) off-CPU or without oneDNN. Packed layers refuse to run with
+Packing is skipped (and the context does nothing) off-CPU or without oneDNN; bfloat16 layers are packed only
+where the CPU has bf16 instructions. Packed layers refuse to run with
 autograd on: a layer packed while training would silently stop learning.
 """
 from __future__ import annotations
@@ -55,9 +56,15 @@ class PackedLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def _packable(module: nn.Module) -> bool:
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """Weight dtypes oneDNN can prepack here: float32, and bfloat16 only on CPUs with bf16 instructions (AVX512-BF16
+    or AVX-NE-CONVERT; elsewhere oneDNN refuses to reorder a bf16 weight, and torch's own bf16 GEMV runs)."""
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
+def _packable(module: nn.Module, dtypes: tuple[torch.dtype, ...]) -> bool:
     w = getattr(module, "weight", None)
-    return type(module) is nn.Linear and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+    return type(module) is nn.Linear and w.device.type == "cpu" and w.dtype in dtypes
 
 
 @contextlib.contextmanager
@@ -66,9 +73,10 @@ def packed_linears(model: nn.Module, batch_hint: int = BATCH_HINT, enabled: bool
     Yields how many layers were packed."""
     swapped: list[tuple[nn.Module, str, nn.Linear]] = []
     if enabled and can_pack():
+        dtypes = packable_dtypes()
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if _packable(child):
+                if _packable(child, dtypes):
                     setattr(parent, name, PackedLinear(child, batch_hint))
                     swapped.append((parent, name, child))
     try:

@@ -43,6 +43,19 @@ def test_context_restores_the_model_exactly():
         assert n == 0
 
 
+def test_bfloat16_model_runs_packed_where_the_cpu_can_and_unpacked_elsewhere():
+    """oneDNN refuses to reorder bf16 weights on CPUs without bf16 instructions (the 2-core test machines): a bf16
+    model must then keep torch's layers, not crash; where the CPU can, its layers are packed like fp32 ones."""
+    target = make_tiny_target("llama").to(torch.bfloat16)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    with torch.no_grad():
+        ref = target(ids).logits
+        with packed_linears(target) as n:
+            out = target(ids).logits
+    assert n == (2 * 7 + 1 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_speculative_decoding_on_packed_target_is_lossless(arch):
     target = make_tiny_target(arch)
