@@ -42,7 +42,7 @@ from .metrics import Tally
 from .packing import grouped_query_attention, packed_linears
 from .proposers import MedusaProposer
 from .speculative import Acceptance, GenerationResult, plain_generate, speculative_generate
-from .target import load_target, stop_tokens
+from .target import load_target, stop_tokens, to_torch_dtype
 
 # Used when a drafter carries no measured per-head accuracy (e.g. untrained heads): a deliberately modest guess.
 PRIOR_ACCURACY = [[0.5 * 0.7 ** k * 0.3 ** i for i in range(4)] for k in range(8)]
@@ -194,11 +194,13 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                      max_tree_nodes: int = 64, draft_k: int = 4, adaptive_k: bool = True,
                      full_draft_vocab: bool = False, compare_hf: bool = False, seed: int = 0, progress: bool = True,
                      pack: bool = True, tree_depth: int = 5, tree_topk: int = 4, typical: bool = False,
-                     draft_siblings: int = 0, draft_confidence: float = 0.0) -> dict:
+                     draft_siblings: int = 0, draft_confidence: float = 0.0, draft_dtype: str | None = None) -> dict:
     """Run the evaluation and return the report (see the module docstring). pack: on CPU, run target and
     drafter with oneDNN-prepacked linear layers and the target with grouped-query attention that does not copy its
     KV cache (inference.packing), both for plain and speculative decoding.
-    compare_hf (draft LMs): also time transformers' assisted generation with the same draft."""
+    compare_hf (draft LMs): also time transformers' assisted generation with the same draft.
+    draft_dtype (draft LMs): run a copy of the draft in this dtype (e.g. bfloat16 beside a float32 target), in
+    draftsmith's loop and transformers' alike; verification stays in the target's dtype, so decoding stays lossless."""
     if check_lossless and temperature != 0:
         raise ValueError("--check-lossless compares against greedy decoding: use --temperature 0")
     kind = drafter_kind(drafter)
@@ -209,6 +211,11 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         if isinstance(drafter, PeftModel):  # evaluate merged weights: same outputs, no adapter overhead
             drafter = copy.deepcopy(drafter).merge_and_unload()
         check_draft_vocab(drafter.config, target.config)
+        if draft_dtype is not None:
+            drafter = copy.deepcopy(drafter).to(to_torch_dtype(draft_dtype))
+    elif draft_dtype is not None and to_torch_dtype(draft_dtype) != target.dtype:
+        raise ValueError(f"draft_dtype={draft_dtype!r} is for draft LMs, which run their own forward; {kind} "
+                         f"drafters read the target's hidden states and run in its dtype ({target.dtype})")
     qs = load_questions(questions, per_category=per_category, limit=limit)
     options = dict(tree=tree, max_tree_nodes=max_tree_nodes, draft_k=draft_k, adaptive_k=adaptive_k,
                    full_draft_vocab=full_draft_vocab, tree_depth=tree_depth, tree_topk=tree_topk,
@@ -222,7 +229,8 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     if kind in ("medusa", "eagle"):
         drafter.attach_target(target)  # ... and the plain one again after
     report["setup"].update(questions=questions, packed_linear_layers=packed + packed_drafter,
-                           grouped_query_attention=grouped)
+                           grouped_query_attention=grouped,
+                           draft_dtype=str(next(drafter.parameters()).dtype).removeprefix("torch."))
     return report
 
 
@@ -378,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compare-hf", action="store_true", help="draft LMs: also time transformers' assisted "
                    "generation with the same draft, prompts, budget and temperature")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--draft-dtype", help="draft LMs: run the draft in this dtype (default: --dtype), e.g. bfloat16 "
+                   "beside a float32 target: a cheaper draft step, the same verification")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-pack", action="store_true", help="CPU: keep torch's default linear layers (no oneDNN "
                    "prepacking) and transformers' SDPA attention for target and drafter")
@@ -390,10 +400,18 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--draft-confidence {args.draft_confidence} must be in [0, 1) (0: off)")
     if args.typical_acceptance and args.temperature == 0:
         p.error("--typical-acceptance applies to sampling: give --temperature > 0")
+    for flag, dtype in (("--dtype", args.dtype), ("--draft-dtype", args.draft_dtype)):
+        try:
+            dtype is None or to_torch_dtype(dtype)
+        except ValueError as err:
+            p.error(f"{flag}: {err}")
     target, tokenizer = load_target(args.target, dtype=args.dtype)
     drafter = load_drafter(args.drafter, target).to(target.dtype)
     if args.compare_hf and drafter_kind(drafter) != "draft_lm":
         p.error(f"--compare-hf needs a draft LM; {args.drafter} holds {drafter_kind(drafter)} heads")
+    if args.draft_dtype and drafter_kind(drafter) != "draft_lm" and to_torch_dtype(args.draft_dtype) != target.dtype:
+        p.error(f"--draft-dtype is for draft LMs; {args.drafter} holds {drafter_kind(drafter)} heads, which read the "
+                f"target's hidden states and run in --dtype")
     report = evaluate_drafter(target, tokenizer, drafter, args.questions, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, per_category=args.per_category, limit=args.limit,
                               check_lossless=args.check_lossless, tree=args.tree,
@@ -402,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
                               compare_hf=args.compare_hf, seed=args.seed,
                               pack=not args.no_pack, tree_depth=args.tree_depth, tree_topk=args.tree_topk,
                               typical=args.typical_acceptance, draft_siblings=args.draft_siblings,
-                              draft_confidence=args.draft_confidence)
+                              draft_confidence=args.draft_confidence, draft_dtype=args.draft_dtype)
     print(format_table(report))
     if args.output:
         write_report(report, args.output)

@@ -168,3 +168,14 @@ def test_draft_siblings_are_checked():
     assert load_config(config, ["eval.draft_confidence=0.4"]).eval.draft_confidence == 0.4
     with pytest.raises(ConfigError, match=r"eval\.draft_confidence=1\.0 must be in \[0, 1\)"):
         load_config(config, ["eval.draft_confidence=1"])
+
+
+def test_eval_draft_dtype_is_for_draft_lms():
+    configs = CONFIGS[0].parent
+    cfg = load_config(str(configs / "draft_lm_tiny.yaml"), ["eval.draft_dtype=bfloat16"])
+    assert cfg.eval.draft_dtype == "bfloat16"
+    assert load_config(str(configs / "medusa_tiny.yaml"), ["eval.draft_dtype=float32"]).eval.draft_dtype == "float32"
+    with pytest.raises(ConfigError, match=r"eval\.draft_dtype='bfloat16' is for draft LMs"):
+        load_config(str(configs / "medusa_tiny.yaml"), ["eval.draft_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match=r"eval\.draft_dtype"):
+        load_config(str(configs / "draft_lm_tiny.yaml"), ["eval.draft_dtype=fp8"])

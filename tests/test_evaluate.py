@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from drafters import MedusaModel, load_drafter
-from inference.evaluate import format_table, main
+from drafters.draft_lm import build_draft_lm
+from inference.evaluate import evaluate_drafter, format_table, main
 from inference.target import stop_tokens
 from inference.proposers import MedusaProposer
 from inference.speculative import speculative_generate
@@ -126,3 +127,31 @@ def test_attention_benchmark_decodes_identically_with_both_attentions(saved, cap
     bench_main(["--target", saved["target"], "--rounds", "1"])  # the verify forward alone, no drafter
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("verify forward, 6 nodes on a 300-token cache, median of 1: sdpa ")
+
+
+def test_bfloat16_draft_lm_beside_float32_target_stays_lossless_in_both_loops(saved):
+    """--draft-dtype: a bf16 copy of the draft drafts in draftsmith's loop and transformers' alike; verification
+    in the target's fp32 keeps both exact. The caller's draft is left in fp32."""
+    target, tokenizer = load_target(saved["target"])
+    draft = build_draft_lm(target, 2, [0, 1])  # the target's own layers: nearly every draft is accepted
+    report = evaluate_drafter(target, tokenizer, draft, saved["questions"], max_new_tokens=12, check_lossless=True,
+                              compare_hf=True, draft_dtype="bfloat16", progress=False)
+    assert report["setup"]["draft_dtype"] == "bfloat16" and report["setup"]["dtype"] == "float32"
+    assert next(draft.parameters()).dtype == torch.float32
+    assert report["lossless"]["mismatches"] == 0 == report["hf_assisted"]["lossless"]["mismatches"]
+    assert report["lossless"]["checked"] == 5
+    assert report["overall"]["tau"] > 2
+
+
+def test_draft_dtype_is_refused_for_heads_and_unknown_names(saved, capsys):
+    base = ["--target", saved["target"], "--questions", saved["questions"], "--max-new-tokens", "4"]
+    with pytest.raises(SystemExit):
+        main(base + ["--drafter", saved["drafter"], "--draft-dtype", "bfloat16"])
+    assert "--draft-dtype is for draft LMs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--drafter", saved["drafter"], "--draft-dtype", "fp8"])
+    assert "--draft-dtype: unknown dtype 'fp8'" in capsys.readouterr().err
+    target, tokenizer = load_target(saved["target"])
+    with pytest.raises(ValueError, match="draft_dtype='bfloat16' is for draft LMs"):
+        evaluate_drafter(target, tokenizer, load_drafter(saved["drafter"], target), saved["questions"],
+                         max_new_tokens=4, draft_dtype="bfloat16", progress=False)

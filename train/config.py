@@ -216,6 +216,8 @@ class EvalConfig:
     draft_confidence: float = 0.0  # draft LMs: end a chain once the draft's own probability is below this (0: off)
     compare_hf: bool = False  # draft LMs: also time transformers' assisted generation with the same draft
     full_draft_vocab: bool = False  # draft LMs: ignore a recorded frequent-token draft vocabulary
+    draft_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # draft LMs: run the draft in this dtype
+    # (e.g. bfloat16 beside a float32 target; null: the target's)
 
     def __post_init__(self):
         _check(self.max_tree_nodes >= 1, "eval.max_tree_nodes", self.max_tree_nodes, "must be >= 1")
@@ -254,6 +256,9 @@ class TrainConfig:
                "training.target_dtype", self.training.target_dtype,
                f"must be {dtype} with drafter.share_lm_head=true and training.precision={self.training.precision}: "
                "the heads feed the target's own LM head, so both must use one dtype")
+        _check(isinstance(self.drafter, DraftLMDrafter) or self.eval.draft_dtype in (None, self.training.target_dtype),
+               "eval.draft_dtype", self.eval.draft_dtype, "is for draft LMs (they run their own forward); Medusa and "
+               "EAGLE drafters read the target's hidden states and run in training.target_dtype")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -222,7 +222,8 @@ class Recipe:
                                   check_lossless=e.check_lossless, tree=e.tree, max_tree_nodes=e.max_tree_nodes,
                                   draft_k=e.draft_k, adaptive_k=e.adaptive_k, full_draft_vocab=e.full_draft_vocab,
                                   compare_hf=e.compare_hf, tree_depth=e.tree_depth, tree_topk=e.tree_topk,
-                                  draft_siblings=e.draft_siblings, draft_confidence=e.draft_confidence)
+                                  draft_siblings=e.draft_siblings, draft_confidence=e.draft_confidence,
+                                  draft_dtype=e.draft_dtype)
         tmp = self.out / ".eval.json.tmp"
         write_report(report, str(tmp))
         tmp.replace(self.out / "eval.json")
