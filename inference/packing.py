@@ -12,8 +12,8 @@ speedups stay like-for-like.
         ...  # inference only: no autograd through packed layers
 
 Packing is skipped (and the context does nothing) off-CPU or without oneDNN; bfloat16 layers are packed only
-where the CPU has bf16 instructions. Packed layers refuse to run with
-autograd on: a layer packed while training would silently stop learning.
+where the CPU has bf16 instructions. Packed layers refuse to run with autograd on: a layer packed while training
+would silently stop learning.
 """
 from __future__ import annotations
 
