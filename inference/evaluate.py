@@ -38,6 +38,7 @@ from drafters.vocab import draftsmith_meta, get_draft_vocab
 from .calibrate import NODE_COUNTS, choose_tree, draft_cost_ratio, proposer_seconds, verify_latency
 from .draft_lm_proposer import DraftLMProposer
 from .eagle_proposer import EagleProposer
+from .lookup import PromptLookup
 from .metrics import Tally
 from .packing import grouped_query_attention, packed_linears
 from .proposers import MedusaProposer
@@ -129,9 +130,12 @@ def drafter_kind(drafter) -> str:
 def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_tree_nodes: int = 64, draft_k: int = 4,
                   adaptive_k: bool = True, full_draft_vocab: bool = False, temperature: float = 0.0,
                   generator: torch.Generator | None = None, tree_depth: int = 5, tree_topk: int = 4,
-                  draft_siblings: int = 0, draft_confidence: float = 0.0):
+                  draft_siblings: int = 0, draft_confidence: float = 0.0, prompt_lookup: int = 0,
+                  prompt_lookup_tokens: int = 8):
     """The drafter's proposer and a description of its setup (the calibrated tree for Medusa; k and the draft
-    vocabulary for draft LMs: the frequent-token set recorded at training, unless full_draft_vocab)."""
+    vocabulary for draft LMs: the frequent-token set recorded at training, unless full_draft_vocab).
+    prompt_lookup (draft LMs): the longest n-gram matched by prompt lookup (n down to 2; 0: off), which proposes
+    prompt_lookup_tokens copied tokens where it matches and the draft elsewhere."""
     vocab = None if full_draft_vocab else get_draft_vocab(drafter.config)
     if drafter_kind(drafter) == "medusa":
         proposer, setup = medusa_proposer(drafter, target, tree, max_tree_nodes, vocab)
@@ -139,13 +143,15 @@ def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_t
     if drafter_kind(drafter) == "eagle":
         proposer, setup = eagle_proposer(drafter, target, tree, max_tree_nodes, tree_depth, tree_topk, vocab)
         return proposer, {**setup, "eagle_version": drafter.config.eagle_version, "draft_vocab": len(proposer.ids)}
+    lookup = PromptLookup(prompt_lookup, 2, prompt_lookup_tokens) if prompt_lookup else None
     proposer = DraftLMProposer(drafter, k=draft_k, adaptive=adaptive_k, k_max=max(8, draft_k),
                                temperature=temperature, generator=generator, draft_vocab=vocab,
-                               siblings=draft_siblings, confidence=draft_confidence)
+                               siblings=draft_siblings, confidence=draft_confidence, lookup=lookup)
     cost = draft_cost_ratio(target, proposer)
     return proposer, {"k": draft_k, "adaptive": adaptive_k, "k_max": proposer.k_max, "siblings": draft_siblings,
-                      "confidence": draft_confidence,
-                      "draft_vocab": len(vocab) if vocab else "full", **cost}
+                      "confidence": draft_confidence, "draft_vocab": len(vocab) if vocab else "full",
+                      "prompt_lookup": lookup and {"max_ngram": lookup.max_ngram, "min_ngram": lookup.min_ngram,
+                                                   "tokens": lookup.num_tokens}, **cost}
 
 
 class ForwardCounter:
@@ -194,13 +200,16 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                      max_tree_nodes: int = 64, draft_k: int = 4, adaptive_k: bool = True,
                      full_draft_vocab: bool = False, compare_hf: bool = False, seed: int = 0, progress: bool = True,
                      pack: bool = True, tree_depth: int = 5, tree_topk: int = 4, typical: bool = False,
-                     draft_siblings: int = 0, draft_confidence: float = 0.0, draft_dtype: str | None = None) -> dict:
+                     draft_siblings: int = 0, draft_confidence: float = 0.0, draft_dtype: str | None = None,
+                     prompt_lookup: int = 0, prompt_lookup_tokens: int = 8) -> dict:
     """Run the evaluation and return the report (see the module docstring). pack: on CPU, run target and
     drafter with oneDNN-prepacked linear layers and the target with grouped-query attention that does not copy its
     KV cache (inference.packing), both for plain and speculative decoding.
     compare_hf (draft LMs): also time transformers' assisted generation with the same draft.
     draft_dtype (draft LMs): run a copy of the draft in this dtype (e.g. bfloat16 beside a float32 target), in
-    draftsmith's loop and transformers' alike; verification stays in the target's dtype, so decoding stays lossless."""
+    draftsmith's loop and transformers' alike; verification stays in the target's dtype, so decoding stays lossless.
+    prompt_lookup (draft LMs, draftsmith's loop only): see make_proposer; transformers' assisted generation cannot
+    combine its own prompt lookup with a draft model, so --compare-hf runs the draft alone there."""
     if check_lossless and temperature != 0:
         raise ValueError("--check-lossless compares against greedy decoding: use --temperature 0")
     kind = drafter_kind(drafter)
@@ -213,13 +222,17 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         check_draft_vocab(drafter.config, target.config)
         if draft_dtype is not None:
             drafter = copy.deepcopy(drafter).to(to_torch_dtype(draft_dtype))
+    elif prompt_lookup:
+        raise ValueError(f"prompt_lookup={prompt_lookup} is for draft LMs (a step either copies or drafts); this "
+                         f"drafter is {kind}")
     elif draft_dtype is not None and to_torch_dtype(draft_dtype) != target.dtype:
         raise ValueError(f"draft_dtype={draft_dtype!r} is for draft LMs, which run their own forward; {kind} "
                          f"drafters read the target's hidden states and run in its dtype ({target.dtype})")
     qs = load_questions(questions, per_category=per_category, limit=limit)
     options = dict(tree=tree, max_tree_nodes=max_tree_nodes, draft_k=draft_k, adaptive_k=adaptive_k,
                    full_draft_vocab=full_draft_vocab, tree_depth=tree_depth, tree_topk=tree_topk,
-                   draft_siblings=draft_siblings, draft_confidence=draft_confidence)
+                   draft_siblings=draft_siblings, draft_confidence=draft_confidence, prompt_lookup=prompt_lookup,
+                   prompt_lookup_tokens=prompt_lookup_tokens)
     with packed_linears(target, enabled=pack) as packed, packed_linears(drafter, enabled=pack) as packed_drafter, \
             grouped_query_attention(target, enabled=pack) as grouped:
         if kind in ("medusa", "eagle"):
@@ -257,6 +270,8 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
                                                                      counter)
     for generate in methods.values():  # warm-up, not counted
         answer(generate, tokenizer, ["Hello!"], 8, target.device)
+    if getattr(proposer, "lookup", None) is not None:
+        proposer.lookup_steps = proposer.lookup_accepted = 0
     tallies = {name: defaultdict(Tally) for name in methods if name != "plain"}
     checked, mismatches = 0, defaultdict(int)
     for i, q in enumerate(qs):
@@ -286,6 +301,9 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
             "machine": platform.processor() or platform.machine(), "proposer": proposer_setup,
         },
     }
+    if getattr(proposer, "lookup", None) is not None:
+        report["setup"]["proposer"].update(lookup_steps=proposer.lookup_steps,
+                                           lookup_accepted=proposer.lookup_accepted)
     if check_lossless:
         report["lossless"] = {"checked": checked, "mismatches": mismatches["draftsmith"]}
     if compare_hf:
@@ -329,6 +347,10 @@ def format_table(report: dict) -> str:
         alphas = "".join(f"{a:>6.2f}" for a in r["alpha"]) + " " * 6 * (depth - len(r["alpha"]))
         lines.append(f"{name:<20}{r['tau']:>6.2f}{r['speedup']:>8.2f}x{r['tokens_per_s']:>8.1f}"
                      f"{r['baseline_tokens_per_s']:>8.1f}{alphas}")
+    proposer = report["setup"]["proposer"]
+    if "lookup_steps" in proposer:
+        lines.append(f"prompt lookup: {proposer['lookup_steps']} of {report['overall']['verify_steps']} steps, "
+                     f"accepting {proposer['lookup_accepted']} copied tokens")
     if "lossless" in report:
         lines.append(f"lossless check: {report['lossless']['mismatches']} mismatching answers of "
                      f"{report['lossless']['checked']}")
@@ -383,6 +405,10 @@ def main(argv: list[str] | None = None) -> None:
                    "0.4); --draft-k is then the longest chain")
     p.add_argument("--full-draft-vocab", action="store_true", help="draft LMs: draft over the whole vocabulary "
                    "even when the draft records a frequent-token set (drafter.draft_vocab at training)")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N", help="draft LMs: where the last N (down "
+                   "to 2) tokens occurred before, propose the tokens that followed them instead of drafting (prompt "
+                   "lookup; no draft forward); 0: off")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=8, help="tokens copied per prompt-lookup proposal")
     p.add_argument("--compare-hf", action="store_true", help="draft LMs: also time transformers' assisted "
                    "generation with the same draft, prompts, budget and temperature")
     p.add_argument("--dtype", default="float32")
@@ -398,6 +424,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--draft-siblings adds greedy alternatives: use it with --temperature 0")
     if not 0 <= args.draft_confidence < 1:
         p.error(f"--draft-confidence {args.draft_confidence} must be in [0, 1) (0: off)")
+    if args.prompt_lookup != 0 and args.prompt_lookup < 2:
+        p.error(f"--prompt-lookup {args.prompt_lookup}: the longest n-gram matched, >= 2 (0: off)")
+    if args.prompt_lookup_tokens < 1:
+        p.error(f"--prompt-lookup-tokens {args.prompt_lookup_tokens} must be >= 1")
     if args.typical_acceptance and args.temperature == 0:
         p.error("--typical-acceptance applies to sampling: give --temperature > 0")
     for flag, dtype in (("--dtype", args.dtype), ("--draft-dtype", args.draft_dtype)):
@@ -412,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.draft_dtype and drafter_kind(drafter) != "draft_lm" and to_torch_dtype(args.draft_dtype) != target.dtype:
         p.error(f"--draft-dtype is for draft LMs; {args.drafter} holds {drafter_kind(drafter)} heads, which read the "
                 f"target's hidden states and run in --dtype")
+    if args.prompt_lookup and drafter_kind(drafter) != "draft_lm":
+        p.error(f"--prompt-lookup is for draft LMs; {args.drafter} holds {drafter_kind(drafter)} heads")
     report = evaluate_drafter(target, tokenizer, drafter, args.questions, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, per_category=args.per_category, limit=args.limit,
                               check_lossless=args.check_lossless, tree=args.tree,
@@ -420,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
                               compare_hf=args.compare_hf, seed=args.seed,
                               pack=not args.no_pack, tree_depth=args.tree_depth, tree_topk=args.tree_topk,
                               typical=args.typical_acceptance, draft_siblings=args.draft_siblings,
-                              draft_confidence=args.draft_confidence, draft_dtype=args.draft_dtype)
+                              draft_confidence=args.draft_confidence, draft_dtype=args.draft_dtype,
+                              prompt_lookup=args.prompt_lookup, prompt_lookup_tokens=args.prompt_lookup_tokens)
     print(format_table(report))
     if args.output:
         write_report(report, args.output)

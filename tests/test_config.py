@@ -179,3 +179,15 @@ def test_eval_draft_dtype_is_for_draft_lms():
         load_config(str(configs / "medusa_tiny.yaml"), ["eval.draft_dtype=bfloat16"])
     with pytest.raises(ConfigError, match=r"eval\.draft_dtype"):
         load_config(str(configs / "draft_lm_tiny.yaml"), ["eval.draft_dtype=fp8"])
+
+
+def test_eval_prompt_lookup_is_checked_and_for_draft_lms():
+    configs = CONFIGS[0].parent
+    cfg = load_config(str(configs / "draft_lm_tiny.yaml"), ["eval.prompt_lookup=3", "eval.prompt_lookup_tokens=6"])
+    assert (cfg.eval.prompt_lookup, cfg.eval.prompt_lookup_tokens) == (3, 6)
+    with pytest.raises(ConfigError, match=r"eval\.prompt_lookup=1 is the longest n-gram matched: >= 2, or 0"):
+        load_config(str(configs / "draft_lm_tiny.yaml"), ["eval.prompt_lookup=1"])
+    with pytest.raises(ConfigError, match=r"eval\.prompt_lookup_tokens=0 must be >= 1"):
+        load_config(str(configs / "draft_lm_tiny.yaml"), ["eval.prompt_lookup_tokens=0"])
+    with pytest.raises(ConfigError, match=r"eval\.prompt_lookup=3 is for draft LMs"):
+        load_config(str(configs / "medusa_tiny.yaml"), ["eval.prompt_lookup=3"])

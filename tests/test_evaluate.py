@@ -155,3 +155,29 @@ def test_draft_dtype_is_refused_for_heads_and_unknown_names(saved, capsys):
     with pytest.raises(ValueError, match="draft_dtype='bfloat16' is for draft LMs"):
         evaluate_drafter(target, tokenizer, load_drafter(saved["drafter"], target), saved["questions"],
                          max_new_tokens=4, draft_dtype="bfloat16", progress=False)
+
+
+def test_prompt_lookup_is_reported_lossless_and_refused_for_heads(saved, capsys):
+    """--prompt-lookup: draftsmith's loop copies where the sequence repeats itself (tiny random targets loop)
+    and drafts elsewhere; the report counts the lookup steps, the output stays the target's greedy output, and
+    the flag is refused for Medusa heads and for n-grams under 2."""
+    target, tokenizer = load_target(saved["target"])
+    draft = build_draft_lm(target, 1, [0])
+    report = evaluate_drafter(target, tokenizer, draft, saved["questions"], max_new_tokens=24, check_lossless=True,
+                              compare_hf=True, prompt_lookup=3, prompt_lookup_tokens=5, progress=False)
+    setup = report["setup"]["proposer"]
+    assert setup["prompt_lookup"] == {"max_ngram": 3, "min_ngram": 2, "tokens": 5}
+    assert 0 < setup["lookup_steps"] <= report["overall"]["verify_steps"]
+    assert report["lossless"]["mismatches"] == 0 == report["hf_assisted"]["lossless"]["mismatches"]
+    assert f"prompt lookup: {setup['lookup_steps']} of {report['overall']['verify_steps']} steps" in \
+        format_table(report)
+    base = ["--target", saved["target"], "--questions", saved["questions"], "--max-new-tokens", "4"]
+    with pytest.raises(SystemExit):
+        main(base + ["--drafter", saved["drafter"], "--prompt-lookup", "3"])
+    assert "--prompt-lookup is for draft LMs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--drafter", saved["drafter"], "--prompt-lookup", "1"])
+    assert "--prompt-lookup 1: the longest n-gram matched, >= 2 (0: off)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="prompt_lookup=3 is for draft LMs"):
+        evaluate_drafter(target, tokenizer, load_drafter(saved["drafter"], target), saved["questions"],
+                         max_new_tokens=4, prompt_lookup=3, progress=False)

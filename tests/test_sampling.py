@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_tiny_target
 from inference.draft_lm_proposer import DraftLMProposer
+from inference.lookup import PromptLookup
 from inference.speculative import Acceptance, plain_generate, speculative_generate, speculative_sampling
 from inference.tree import TokenTree
 
@@ -95,6 +96,22 @@ def test_speculative_sampling_end_to_end_matches_target_distribution(arch, draft
     # negative control: the draft's own samples are far from the target's distribution
     draft_counts = counts_of(lambda: plain_generate(draft, PROMPT, NEW, set(), Acceptance(1.0), gen).tokens, 1500)
     assert chi_square_p_value(draft_counts, exact) < 1e-6
+
+
+def test_speculative_sampling_with_prompt_lookup_matches_target_distribution():
+    """Steps answered by prompt lookup propose deterministic copies (point masses) between sampled drafts: the
+    output is still distributed as the target's own samples."""
+    target, draft = tiny_pair("llama")
+    prompt = torch.tensor([1, 3, 0, 2, 1, 3, 0, 2, 1, 2, 3, 0])  # every bigram but a few occurred: copies happen
+    exact = exact_sequence_probs(target, prompt, NEW)
+    gen = torch.Generator().manual_seed(2)
+    proposer = DraftLMProposer(draft, k=2, temperature=1.0, generator=gen, lookup=PromptLookup(2, 2, 2))
+    counts = counts_of(lambda: speculative_generate(target, proposer, prompt, NEW, eos=set(),
+                                                    acceptance=Acceptance(1.0), generator=gen).tokens, 1500)
+    assert chi_square_p_value(counts, exact) > 1e-3
+    assert 0 < proposer.lookup_accepted and 0 < proposer.lookup_steps < 1500 * NEW  # copies, some accepted
+    draft_counts = counts_of(lambda: plain_generate(draft, prompt, NEW, set(), Acceptance(1.0), gen).tokens, 1500)
+    assert chi_square_p_value(draft_counts, exact) < 1e-6  # the control: the test tells distributions apart
 
 
 # --- trees (EAGLE drafts: deterministic top-k nodes, recursive rejection sampling over siblings) ---------------

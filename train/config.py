@@ -218,6 +218,9 @@ class EvalConfig:
     full_draft_vocab: bool = False  # draft LMs: ignore a recorded frequent-token draft vocabulary
     draft_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # draft LMs: run the draft in this dtype
     # (e.g. bfloat16 beside a float32 target; null: the target's)
+    prompt_lookup: int = 0  # draft LMs: where the last N (down to 2) tokens occurred before, propose what followed
+    # them (prompt lookup, no draft forward) instead of drafting; 0: off
+    prompt_lookup_tokens: int = 8  # tokens copied per prompt-lookup proposal
 
     def __post_init__(self):
         _check(self.max_tree_nodes >= 1, "eval.max_tree_nodes", self.max_tree_nodes, "must be >= 1")
@@ -228,6 +231,9 @@ class EvalConfig:
         _check(not (self.draft_siblings and self.temperature > 0), "eval.draft_siblings", self.draft_siblings,
                "is for greedy evaluation (eval.temperature 0)")
         _check(0 <= self.draft_confidence < 1, "eval.draft_confidence", self.draft_confidence, "must be in [0, 1)")
+        _check(self.prompt_lookup == 0 or self.prompt_lookup >= 2, "eval.prompt_lookup", self.prompt_lookup,
+               "is the longest n-gram matched: >= 2, or 0 (off)")
+        _check(self.prompt_lookup_tokens >= 1, "eval.prompt_lookup_tokens", self.prompt_lookup_tokens, "must be >= 1")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
         _check(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0")
 
@@ -259,6 +265,8 @@ class TrainConfig:
         _check(isinstance(self.drafter, DraftLMDrafter) or self.eval.draft_dtype in (None, self.training.target_dtype),
                "eval.draft_dtype", self.eval.draft_dtype, "is for draft LMs (they run their own forward); Medusa and "
                "EAGLE drafters read the target's hidden states and run in training.target_dtype")
+        _check(isinstance(self.drafter, DraftLMDrafter) or not self.eval.prompt_lookup, "eval.prompt_lookup",
+               self.eval.prompt_lookup, "is for draft LMs (a step either copies or drafts); use 0 for Medusa and EAGLE")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
