@@ -166,15 +166,15 @@ class ForwardCounter:
 
 
 @torch.no_grad()
-def hf_assisted_generate(target: PreTrainedModel, draft: PreTrainedModel, input_ids: torch.Tensor,
-                         max_new_tokens: int, eos: set[int], temperature: float, counter: ForwardCounter
-                         ) -> GenerationResult:
-    """transformers' own assisted generation (`generate(assistant_model=draft)`, its default draft-length
-    schedule), as a user would call it: the comparison point for draftsmith's loop with the same draft."""
+def hf_assisted_generate(target: PreTrainedModel, input_ids: torch.Tensor, max_new_tokens: int, eos: set[int],
+                         temperature: float, counter: ForwardCounter, **assist) -> GenerationResult:
+    """transformers' own assisted generation as a user would call it, the comparison point for draftsmith's loop:
+    assist is assistant_model=draft (its default draft-length schedule), or prompt_lookup_num_tokens and
+    max_matching_ngram_size (its prompt lookup, without a draft)."""
     start, calls = time.perf_counter(), counter.calls
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False)
-    out = target.generate(input_ids[None], attention_mask=torch.ones_like(input_ids)[None], assistant_model=draft,
+    out = target.generate(input_ids[None], attention_mask=torch.ones_like(input_ids)[None], **assist,
                           max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
                           pad_token_id=sorted(eos)[0], **sampling)
     tokens = out[0, len(input_ids):].tolist()
@@ -205,7 +205,8 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     """Run the evaluation and return the report (see the module docstring). pack: on CPU, run target and
     drafter with oneDNN-prepacked linear layers and the target with grouped-query attention that does not copy its
     KV cache (inference.packing), both for plain and speculative decoding.
-    compare_hf (draft LMs): also time transformers' assisted generation with the same draft.
+    compare_hf (draft LMs): also time transformers' assisted generation with the same draft, and, with
+    prompt_lookup, transformers' own prompt lookup (no draft; n-grams of prompt_lookup down to 1 token).
     draft_dtype (draft LMs): run a copy of the draft in this dtype (e.g. bfloat16 beside a float32 target), in
     draftsmith's loop and transformers' alike; verification stays in the target's dtype, so decoding stays lossless.
     prompt_lookup (draft LMs, draftsmith's loop only): see make_proposer; transformers' assisted generation cannot
@@ -266,8 +267,13 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
     }
     if compare_hf:
         counter = ForwardCounter(target)
-        methods["hf_assisted"] = lambda ids, n: hf_assisted_generate(target, drafter, ids, n, eos, temperature,
-                                                                     counter)
+        methods["hf_assisted"] = lambda ids, n: hf_assisted_generate(target, ids, n, eos, temperature, counter,
+                                                                     assistant_model=drafter)
+    if compare_hf and options["prompt_lookup"]:
+        lookup = dict(prompt_lookup_num_tokens=options["prompt_lookup_tokens"],
+                      max_matching_ngram_size=options["prompt_lookup"])
+        methods["hf_prompt_lookup"] = lambda ids, n: hf_assisted_generate(target, ids, n, eos, temperature, counter,
+                                                                          **lookup)
     for generate in methods.values():  # warm-up, not counted
         answer(generate, tokenizer, ["Hello!"], 8, target.device)
     if getattr(proposer, "lookup", None) is not None:
@@ -306,12 +312,12 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
                                            lookup_accepted=proposer.lookup_accepted)
     if check_lossless:
         report["lossless"] = {"checked": checked, "mismatches": mismatches["draftsmith"]}
-    if compare_hf:
-        hf_overall, hf_per_category = _summaries(tallies["hf_assisted"])
-        report["hf_assisted"] = {"overall": hf_overall, "per_category": hf_per_category,
-                                 "settings": _hf_assistant_settings(drafter)}
+    for name in [n for n in tallies if n != "draftsmith"]:  # transformers' loops
+        hf_overall, hf_per_category = _summaries(tallies[name])
+        settings = _hf_assistant_settings(drafter) if name == "hf_assisted" else lookup
+        report[name] = {"overall": hf_overall, "per_category": hf_per_category, "settings": settings}
         if check_lossless:
-            report["hf_assisted"]["lossless"] = {"checked": checked, "mismatches": mismatches["hf_assisted"]}
+            report[name]["lossless"] = {"checked": checked, "mismatches": mismatches[name]}
     return report
 
 
@@ -354,11 +360,14 @@ def format_table(report: dict) -> str:
     if "lossless" in report:
         lines.append(f"lossless check: {report['lossless']['mismatches']} mismatching answers of "
                      f"{report['lossless']['checked']}")
-    hf = report.get("hf_assisted")
-    if hf:
-        lines += ["", "transformers assisted generation, same draft, same prompts:",
-                  f"{'category':<20}{'tau':>6}{'speedup':>9}{'tok/s':>8}{'base':>8}{'ours/hf':>9}", "-" * 60]
-        ours = {**report["per_category"], "overall": report["overall"]}
+    ours = {**report["per_category"], "overall": report["overall"]}
+    for key, title in (("hf_assisted", "transformers assisted generation, same draft, same prompts:"),
+                       ("hf_prompt_lookup", "transformers prompt lookup (no draft), same prompts:")):
+        hf = report.get(key)
+        if not hf:
+            continue
+        lines += ["", title, f"{'category':<20}{'tau':>6}{'speedup':>9}{'tok/s':>8}{'base':>8}{'ours/hf':>9}",
+                  "-" * 60]
         for name, r in [*hf["per_category"].items(), ("overall", hf["overall"])]:
             ratio = ours[name]["tokens_per_s"] / r["tokens_per_s"] if r["tokens_per_s"] else 0.0
             lines.append(f"{name:<20}{r['tau']:>6.2f}{r['speedup']:>8.2f}x{r['tokens_per_s']:>8.1f}"
@@ -410,7 +419,8 @@ def main(argv: list[str] | None = None) -> None:
                    "lookup; no draft forward); 0: off")
     p.add_argument("--prompt-lookup-tokens", type=int, default=8, help="tokens copied per prompt-lookup proposal")
     p.add_argument("--compare-hf", action="store_true", help="draft LMs: also time transformers' assisted "
-                   "generation with the same draft, prompts, budget and temperature")
+                   "generation with the same draft, prompts, budget and temperature (with --prompt-lookup, also "
+                   "transformers' own prompt lookup, without a draft)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--draft-dtype", help="draft LMs: run the draft in this dtype (default: --dtype), e.g. bfloat16 "
                    "beside a float32 target: a cheaper draft step, the same verification")

@@ -169,6 +169,10 @@ def test_prompt_lookup_is_reported_lossless_and_refused_for_heads(saved, capsys)
     assert setup["prompt_lookup"] == {"max_ngram": 3, "min_ngram": 2, "tokens": 5}
     assert 0 < setup["lookup_steps"] <= report["overall"]["verify_steps"]
     assert report["lossless"]["mismatches"] == 0 == report["hf_assisted"]["lossless"]["mismatches"]
+    hf_lookup = report["hf_prompt_lookup"]  # transformers' own prompt lookup, no draft, in the same run
+    assert hf_lookup["settings"] == {"prompt_lookup_num_tokens": 5, "max_matching_ngram_size": 3}
+    assert hf_lookup["lossless"] == {"checked": 5, "mismatches": 0} and hf_lookup["overall"]["tau"] > 1
+    assert "transformers prompt lookup (no draft), same prompts:" in format_table(report)
     assert f"prompt lookup: {setup['lookup_steps']} of {report['overall']['verify_steps']} steps" in \
         format_table(report)
     base = ["--target", saved["target"], "--questions", saved["questions"], "--max-new-tokens", "4"]
