@@ -8,13 +8,14 @@
 
 Each question is answered turn by turn (the second turn follows the model's own first answer) with plain target
 decoding, then with speculative decoding (and, with --compare-hf, with transformers' assisted generation using the
-same draft LM), one after the other so that all see the same machine state. The report pools tokens and target
+same draft LM, and with --prompt-lookup also its prompt lookup), one after the other so that all see the same
+machine state. The report pools tokens and target
 forwards per category and overall (Spec-Bench's tau), and each speedup is the ratio of tokens per second measured
 in the same run on the same prompts.
 
 Medusa drafters verify a token tree sized by calibration on this machine; EAGLE drafters draft EAGLE-2 dynamic trees
-(or a chain / static tree, --tree); draft LMs draft a chain of k tokens (adaptive by default). The drafter kind is
-read from the saved folder.
+(or a chain / static tree, --tree); draft LMs draft a chain of k tokens (adaptive by default), or with
+--prompt-lookup N copy where the last N..2 tokens occurred before. The drafter kind is read from the saved folder.
 """
 from __future__ import annotations
 
@@ -209,8 +210,8 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     prompt_lookup, transformers' own prompt lookup (no draft; n-grams of prompt_lookup down to 1 token).
     draft_dtype (draft LMs): run a copy of the draft in this dtype (e.g. bfloat16 beside a float32 target), in
     draftsmith's loop and transformers' alike; verification stays in the target's dtype, so decoding stays lossless.
-    prompt_lookup (draft LMs, draftsmith's loop only): see make_proposer; transformers' assisted generation cannot
-    combine its own prompt lookup with a draft model, so --compare-hf runs the draft alone there."""
+    prompt_lookup (draft LMs): see make_proposer. transformers cannot combine its prompt lookup with a draft model,
+    so compare_hf times both of its loops beside ours: assisted generation with the draft, prompt lookup without."""
     if check_lossless and temperature != 0:
         raise ValueError("--check-lossless compares against greedy decoding: use --temperature 0")
     kind = drafter_kind(drafter)
