@@ -183,8 +183,7 @@ class DraftLMProposer:
             self.lookup.extend(accepted[1:])
             self.lookup_accepted += 0 if drafted else len(accepted) - 1
         kept = 0 if self.pending else _common_prefix_len(self.tail, accepted)
-        if drafted > kept:
-            self.cache.crop(-(drafted - kept))  # transformers 5: a negative count removes that many tokens
+        self.cache.crop(-(drafted - kept))  # transformers 5: a negative count removes that many (0: none)
         self.pending += accepted[kept:]
         self.tail = []
         if self.adaptive and drafted:

@@ -9,9 +9,8 @@
 Each question is answered turn by turn (the second turn follows the model's own first answer) with plain target
 decoding, then with speculative decoding (and, with --compare-hf, with transformers' assisted generation using the
 same draft LM, and with --prompt-lookup also its prompt lookup), one after the other so that all see the same
-machine state. The report pools tokens and target
-forwards per category and overall (Spec-Bench's tau), and each speedup is the ratio of tokens per second measured
-in the same run on the same prompts.
+machine state. The report pools tokens and target forwards per category and overall (Spec-Bench's tau), and each
+speedup is the ratio of tokens per second measured in the same run on the same prompts.
 
 Medusa drafters verify a token tree sized by calibration on this machine; EAGLE drafters draft EAGLE-2 dynamic trees
 (or a chain / static tree, --tree); draft LMs draft a chain of k tokens (adaptive by default), or with
@@ -271,13 +270,14 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
         methods["hf_assisted"] = lambda ids, n: hf_assisted_generate(target, ids, n, eos, temperature, counter,
                                                                      assistant_model=drafter)
     if compare_hf and options["prompt_lookup"]:
-        lookup = dict(prompt_lookup_num_tokens=options["prompt_lookup_tokens"],
-                      max_matching_ngram_size=options["prompt_lookup"])
+        hf_lookup = dict(prompt_lookup_num_tokens=options["prompt_lookup_tokens"],
+                         max_matching_ngram_size=options["prompt_lookup"])
         methods["hf_prompt_lookup"] = lambda ids, n: hf_assisted_generate(target, ids, n, eos, temperature, counter,
-                                                                          **lookup)
+                                                                          **hf_lookup)
     for generate in methods.values():  # warm-up, not counted
         answer(generate, tokenizer, ["Hello!"], 8, target.device)
-    if getattr(proposer, "lookup", None) is not None:
+    copies = getattr(proposer, "lookup", None) is not None  # draftsmith's prompt lookup: count its steps from here
+    if copies:
         proposer.lookup_steps = proposer.lookup_accepted = 0
     tallies = {name: defaultdict(Tally) for name in methods if name != "plain"}
     checked, mismatches = 0, defaultdict(int)
@@ -308,14 +308,14 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
             "machine": platform.processor() or platform.machine(), "proposer": proposer_setup,
         },
     }
-    if getattr(proposer, "lookup", None) is not None:
+    if copies:
         report["setup"]["proposer"].update(lookup_steps=proposer.lookup_steps,
                                            lookup_accepted=proposer.lookup_accepted)
     if check_lossless:
         report["lossless"] = {"checked": checked, "mismatches": mismatches["draftsmith"]}
     for name in [n for n in tallies if n != "draftsmith"]:  # transformers' loops
         hf_overall, hf_per_category = _summaries(tallies[name])
-        settings = _hf_assistant_settings(drafter) if name == "hf_assisted" else lookup
+        settings = _hf_assistant_settings(drafter) if name == "hf_assisted" else hf_lookup
         report[name] = {"overall": hf_overall, "per_category": hf_per_category, "settings": settings}
         if check_lossless:
             report[name]["lossless"] = {"checked": checked, "mismatches": mismatches[name]}
