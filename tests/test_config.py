@@ -26,7 +26,7 @@ def test_every_shipped_config_parses(path):
 
 def test_shipped_configs_exist():
     assert {p.name for p in CONFIGS} >= {"medusa_tiny.yaml", "medusa_smollm2.yaml", "draft_lm_tiny.yaml",
-                                         "draft_lm_smollm2.yaml"}
+                                         "draft_lm_smollm2.yaml", "draft_lm_smollm2_gpu.yaml"}
 
 
 def test_draft_lm_section_is_typed_and_checked():
