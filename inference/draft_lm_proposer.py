@@ -37,7 +37,9 @@ class DraftLMProposer:
 
     siblings (greedy only): the draft's next `siblings` ranked tokens after its top-1 join the first draft token
     as alternatives at depth 1, a tree verified in the same target forward (on a CPU a few more nodes cost almost
-    nothing, inference.calibrate); they need no extra draft forward, only the first step's logits.
+    nothing, inference.calibrate); they need no extra draft forward, only the first step's logits. With
+    sibling_depth D the chain's tokens at depths 1..D get such alternatives, each from the logits it was drawn
+    from: the runners-up at depth d are children of the chain's node at depth d - 1.
 
     lookup: when the sequence's last tokens occurred before (inference.lookup.PromptLookup), a step proposes the
     copy that followed them instead of drafting: no draft forward, a chain of lookup.num_tokens tokens. Those are
@@ -58,7 +60,8 @@ class DraftLMProposer:
     def __init__(self, draft_model: PreTrainedModel | PeftModel, k: int = 4, adaptive: bool = False,
                  k_min: int = 1, k_max: int = 8, temperature: float = 0.0,
                  generator: torch.Generator | None = None, draft_vocab: list[int] | None = None,
-                 siblings: int = 0, confidence: float = 0.0, lookup: PromptLookup | None = None):
+                 siblings: int = 0, confidence: float = 0.0, lookup: PromptLookup | None = None,
+                 sibling_depth: int = 1):
         if not 1 <= k_min <= k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
         if not (k_min <= k <= k_max if adaptive else k >= 1):
@@ -71,10 +74,13 @@ class DraftLMProposer:
         if siblings < 0 or (siblings and temperature > 0):
             raise ValueError(f"siblings={siblings}: extra depth-1 candidates (>= 0) are for greedy drafting only "
                              f"(temperature 0, got {temperature}); use siblings=0 when sampling")
+        if sibling_depth < 1:
+            raise ValueError(f"sibling_depth={sibling_depth}: the chain depths given siblings, 1 .. sibling_depth; "
+                             "must be >= 1")
         if not 0 <= confidence < 1:
             raise ValueError(f"confidence={confidence} must be in [0, 1): drafting stops below this draft "
                              "probability (0: never)")
-        self.siblings, self.confidence, self.lookup = siblings, confidence, lookup
+        self.siblings, self.sibling_depth, self.confidence, self.lookup = siblings, sibling_depth, confidence, lookup
         self.lookup_steps = self.lookup_accepted = 0  # steps answered by lookup, drafted tokens accepted in them
         self.k, self.adaptive, self.k_min, self.k_max = k, adaptive, k_min, k_max
         self.temperature, self.generator = temperature, generator
@@ -145,9 +151,11 @@ class DraftLMProposer:
         self.tail = [root]
         logits = self.draft_forward(self.pending + [root])                   # [V]
         self.pending = []
-        extra = self._runners_up(logits)
-        drafts, probs = [], []
+        drafts, probs, extra, extra_parents = [], [], [], []
         for i in range(self.k):
+            if i < self.sibling_depth:  # alternatives to the token drawn next, children of chain node i
+                runners_up = self._runners_up(logits)
+                extra, extra_parents = extra + runners_up, extra_parents + [i] * len(runners_up)
             token, q, p = self._draw(logits)                             # q_i [V] when sampling
             drafts.append(token)
             if q is not None:
@@ -156,8 +164,8 @@ class DraftLMProposer:
                 break
             logits = self.draft_forward(drafts[-1:])
             self.tail.append(drafts[-1])
-        if extra:  # root -> chain of the drafts, plus the runners-up of the first as its siblings
-            return TokenTree(torch.tensor([root] + drafts + extra), list(range(-1, len(drafts))) + [0] * len(extra))
+        if extra:  # root -> chain of the drafts, plus runners-up as siblings of the chain's first tokens
+            return TokenTree(torch.tensor([root] + drafts + extra), list(range(-1, len(drafts))) + extra_parents)
         return TokenTree.chain(torch.tensor([root] + drafts), torch.stack(probs) if probs else None)
 
     def _look_up(self, root: int) -> list[int]:
@@ -169,7 +177,7 @@ class DraftLMProposer:
         return copied
 
     def _runners_up(self, logits: torch.Tensor) -> list[int]:
-        """The tokens ranked 2 .. siblings + 1 by the draft's first-step logits [V] or [N] (target ids)."""
+        """The tokens ranked 2 .. siblings + 1 by one draft step's logits [V] or [N] (target ids)."""
         if not self.siblings:
             return []
         ranked = logits.topk(min(1 + self.siblings, logits.shape[-1])).indices[1:]

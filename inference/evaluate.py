@@ -131,7 +131,7 @@ def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_t
                   adaptive_k: bool = True, full_draft_vocab: bool = False, temperature: float = 0.0,
                   generator: torch.Generator | None = None, tree_depth: int = 5, tree_topk: int = 4,
                   draft_siblings: int = 0, draft_confidence: float = 0.0, prompt_lookup: int = 0,
-                  prompt_lookup_tokens: int = 8):
+                  prompt_lookup_tokens: int = 8, sibling_depth: int = 1):
     """The drafter's proposer and a description of its setup (the calibrated tree for Medusa; k and the draft
     vocabulary for draft LMs: the frequent-token set recorded at training, unless full_draft_vocab).
     prompt_lookup (draft LMs): the longest n-gram matched by prompt lookup (n down to 2; 0: off), which proposes
@@ -146,9 +146,11 @@ def make_proposer(drafter, target: PreTrainedModel, *, tree: str = "auto", max_t
     lookup = PromptLookup(prompt_lookup, 2, prompt_lookup_tokens) if prompt_lookup else None
     proposer = DraftLMProposer(drafter, k=draft_k, adaptive=adaptive_k, k_max=max(8, draft_k),
                                temperature=temperature, generator=generator, draft_vocab=vocab,
-                               siblings=draft_siblings, confidence=draft_confidence, lookup=lookup)
+                               siblings=draft_siblings, confidence=draft_confidence, lookup=lookup,
+                               sibling_depth=sibling_depth)
     cost = draft_cost_ratio(target, proposer)
     return proposer, {"k": draft_k, "adaptive": adaptive_k, "k_max": proposer.k_max, "siblings": draft_siblings,
+                      "sibling_depth": sibling_depth,
                       "confidence": draft_confidence, "draft_vocab": len(vocab) if vocab else "full",
                       "prompt_lookup": lookup and {"max_ngram": lookup.max_ngram, "min_ngram": lookup.min_ngram,
                                                    "tokens": lookup.num_tokens}, **cost}
@@ -201,7 +203,7 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                      full_draft_vocab: bool = False, compare_hf: bool = False, seed: int = 0, progress: bool = True,
                      pack: bool = True, tree_depth: int = 5, tree_topk: int = 4, typical: bool = False,
                      draft_siblings: int = 0, draft_confidence: float = 0.0, draft_dtype: str | None = None,
-                     prompt_lookup: int = 0, prompt_lookup_tokens: int = 8) -> dict:
+                     prompt_lookup: int = 0, prompt_lookup_tokens: int = 8, sibling_depth: int = 1) -> dict:
     """Run the evaluation and return the report (see the module docstring). pack: on CPU, run target and
     drafter with oneDNN-prepacked linear layers and the target with grouped-query attention that does not copy its
     KV cache (inference.packing), both for plain and speculative decoding.
@@ -233,7 +235,7 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     options = dict(tree=tree, max_tree_nodes=max_tree_nodes, draft_k=draft_k, adaptive_k=adaptive_k,
                    full_draft_vocab=full_draft_vocab, tree_depth=tree_depth, tree_topk=tree_topk,
                    draft_siblings=draft_siblings, draft_confidence=draft_confidence, prompt_lookup=prompt_lookup,
-                   prompt_lookup_tokens=prompt_lookup_tokens)
+                   prompt_lookup_tokens=prompt_lookup_tokens, sibling_depth=sibling_depth)
     with packed_linears(target, enabled=pack) as packed, packed_linears(drafter, enabled=pack) as packed_drafter, \
             grouped_query_attention(target, enabled=pack) as grouped:
         if kind in ("medusa", "eagle"):
@@ -410,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fixed-k", action="store_true", help="draft LMs: keep k fixed (default: adaptive k)")
     p.add_argument("--draft-siblings", type=int, default=0, help="draft LMs, greedy: also verify the draft's next "
                    "N ranked first tokens (a tree: the chain plus N alternatives at depth 1)")
+    p.add_argument("--sibling-depth", type=int, default=1, help="draft LMs, with --draft-siblings: give the "
+                   "chain's tokens at depths 1..D their N runners-up (no extra draft forward; more tree nodes)")
     p.add_argument("--draft-confidence", type=float, default=0.0, help="draft LMs: stop a step's chain once the "
                    "draft's probability of its token is below this (0: off; transformers' assisted generation uses "
                    "0.4); --draft-k is then the longest chain")
@@ -433,6 +437,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--check-lossless compares against greedy decoding: use --temperature 0")
     if args.draft_siblings and args.temperature != 0:
         p.error("--draft-siblings adds greedy alternatives: use it with --temperature 0")
+    if args.sibling_depth < 1:
+        p.error(f"--sibling-depth {args.sibling_depth} must be >= 1 (the chain depths given siblings)")
+    if args.sibling_depth > 1 and not args.draft_siblings:
+        p.error(f"--sibling-depth {args.sibling_depth} gives chain tokens runners-up: use it with --draft-siblings N")
     if not 0 <= args.draft_confidence < 1:
         p.error(f"--draft-confidence {args.draft_confidence} must be in [0, 1) (0: off)")
     if args.prompt_lookup != 0 and args.prompt_lookup < 2:
@@ -464,7 +472,8 @@ def main(argv: list[str] | None = None) -> None:
                               pack=not args.no_pack, tree_depth=args.tree_depth, tree_topk=args.tree_topk,
                               typical=args.typical_acceptance, draft_siblings=args.draft_siblings,
                               draft_confidence=args.draft_confidence, draft_dtype=args.draft_dtype,
-                              prompt_lookup=args.prompt_lookup, prompt_lookup_tokens=args.prompt_lookup_tokens)
+                              prompt_lookup=args.prompt_lookup, prompt_lookup_tokens=args.prompt_lookup_tokens,
+                              sibling_depth=args.sibling_depth)
     print(format_table(report))
     if args.output:
         write_report(report, args.output)

@@ -165,6 +165,11 @@ def test_draft_siblings_are_checked():
         load_config(config, ["eval.draft_siblings=-1"])
     with pytest.raises(ConfigError, match="eval.draft_siblings=1 is for greedy"):
         load_config(config, ["eval.draft_siblings=1", "eval.temperature=0.7"])
+    assert load_config(config, ["eval.draft_siblings=2", "eval.sibling_depth=3"]).eval.sibling_depth == 3
+    with pytest.raises(ConfigError, match="eval.sibling_depth"):
+        load_config(config, ["eval.sibling_depth=0"])
+    with pytest.raises(ConfigError, match="eval.sibling_depth=2 gives chain tokens runners-up: set eval.draft_sib"):
+        load_config(config, ["eval.sibling_depth=2"])
     assert load_config(config, ["eval.draft_confidence=0.4"]).eval.draft_confidence == 0.4
     with pytest.raises(ConfigError, match=r"eval\.draft_confidence=1\.0 must be in \[0, 1\)"):
         load_config(config, ["eval.draft_confidence=1"])

@@ -268,6 +268,30 @@ def test_sibling_candidates_are_lossless_and_save_target_forwards(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_siblings_at_deeper_chain_depths_are_exact_and_lossless(arch):
+    """sibling_depth=D: the chain's tokens at depths 1..D each get the runners-up of the logits they were drawn
+    from, as children of the chain node before them; greedy decoding stays the target's own."""
+    target = make_tiny_target(arch)
+    draft = build_draft_lm(target, 1, [0]).eval()
+    for prompt in (PROMPT, torch.tensor([1, 200, 201, 202, 203, 3, 3, 90])):
+        reference = hf_greedy(target, prompt, 40)
+        for depth in (2, 5):
+            proposer = DraftLMProposer(draft, k=3, adaptive=True, siblings=2, sibling_depth=depth)
+            assert speculative_generate(target, proposer, prompt, 40, EOS).tokens == reference
+    proposer = DraftLMProposer(draft, k=3, siblings=2, sibling_depth=2)
+    proposer.begin(PROMPT, None)
+    tree = proposer.propose(7)
+    assert tree.parents == [-1, 0, 1, 2, 0, 0, 1, 1]  # chain d1 d2 d3; runners-up of d1 (parent root), of d2 (d1)
+    context = torch.cat([PROMPT, torch.tensor([7])])
+    for node, rows in ((1, [1, 4, 5]), (2, [2, 6, 7])):
+        logits = draft(context[None]).logits[0, -1]
+        assert tree.tokens[rows].tolist() == logits.topk(3).indices.tolist()
+        context = torch.cat([context, tree.tokens[node:node + 1]])
+    with pytest.raises(ValueError, match="sibling_depth=0"):
+        DraftLMProposer(draft, siblings=1, sibling_depth=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_confidence_stop_shortens_chains_and_stays_lossless(arch):
     """confidence: a step's chain ends after the first draft token whose own probability is below it; the
     draft cache still holds root + the fed drafts, and decoding stays the target's greedy output."""

@@ -70,6 +70,14 @@ def test_check_lossless_needs_greedy(saved, capsys):
         main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
               "--draft-confidence", "1.5"])
     assert "--draft-confidence 1.5 must be in [0, 1) (0: off)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
+              "--draft-siblings", "2", "--sibling-depth", "0"])
+    assert "--sibling-depth 0 must be >= 1 (the chain depths given siblings)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
+              "--sibling-depth", "2"])
+    assert "--sibling-depth 2 gives chain tokens runners-up: use it with --draft-siblings N" in capsys.readouterr().err
 
 
 def test_prompt_at_multi_turn_boundary_is_lossless(saved):

@@ -213,6 +213,7 @@ class EvalConfig:
     draft_k: int = 4  # draft LMs: tokens drafted per step (start value when adaptive)
     adaptive_k: bool = True
     draft_siblings: int = 0  # draft LMs, greedy: the draft's next N first tokens verified too (depth-1 alternatives)
+    sibling_depth: int = 1  # draft LMs, with draft_siblings: the chain's tokens at depths 1..D get N runners-up each
     draft_confidence: float = 0.0  # draft LMs: end a chain once the draft's own probability is below this (0: off)
     compare_hf: bool = False  # draft LMs: also time transformers' assisted generation with the same draft
     full_draft_vocab: bool = False  # draft LMs: ignore a recorded frequent-token draft vocabulary
@@ -228,6 +229,9 @@ class EvalConfig:
         _check(self.tree_topk >= 1, "eval.tree_topk", self.tree_topk, "must be >= 1")
         _check(self.draft_k >= 1, "eval.draft_k", self.draft_k, "must be >= 1")
         _check(self.draft_siblings >= 0, "eval.draft_siblings", self.draft_siblings, "must be >= 0")
+        _check(self.sibling_depth >= 1, "eval.sibling_depth", self.sibling_depth, "must be >= 1")
+        _check(self.sibling_depth == 1 or self.draft_siblings, "eval.sibling_depth", self.sibling_depth,
+               "gives chain tokens runners-up: set eval.draft_siblings too")
         _check(not (self.draft_siblings and self.temperature > 0), "eval.draft_siblings", self.draft_siblings,
                "is for greedy evaluation (eval.temperature 0)")
         _check(0 <= self.draft_confidence < 1, "eval.draft_confidence", self.draft_confidence, "must be in [0, 1)")

@@ -224,7 +224,7 @@ class Recipe:
                                   compare_hf=e.compare_hf, tree_depth=e.tree_depth, tree_topk=e.tree_topk,
                                   draft_siblings=e.draft_siblings, draft_confidence=e.draft_confidence,
                                   draft_dtype=e.draft_dtype, prompt_lookup=e.prompt_lookup,
-                                  prompt_lookup_tokens=e.prompt_lookup_tokens)
+                                  prompt_lookup_tokens=e.prompt_lookup_tokens, sibling_depth=e.sibling_depth)
         tmp = self.out / ".eval.json.tmp"
         write_report(report, str(tmp))
         tmp.replace(self.out / "eval.json")
