@@ -155,7 +155,8 @@ class DraftLMProposer:
         for i in range(self.k):
             if i < self.sibling_depth:  # alternatives to the token drawn next, children of chain node i
                 runners_up = self._runners_up(logits)
-                extra, extra_parents = extra + runners_up, extra_parents + [i] * len(runners_up)
+                extra += runners_up
+                extra_parents += [i] * len(runners_up)
             token, q, p = self._draw(logits)                             # q_i [V] when sampling
             drafts.append(token)
             if q is not None:
