@@ -10,7 +10,8 @@ Each question is answered turn by turn (the second turn follows the model's own 
 decoding, then with speculative decoding (and, with --compare-hf, with transformers' assisted generation using the
 same draft LM, and with --prompt-lookup also its prompt lookup), one after the other so that all see the same
 machine state. The report pools tokens and target forwards per category and overall (Spec-Bench's tau), and each
-speedup is the ratio of tokens per second measured in the same run on the same prompts.
+speedup is the ratio of tokens per second measured in the same run on the same prompts. It also keeps the
+target's own answers (plain decoding): what the figures were measured on.
 
 Medusa drafters verify a token tree sized by calibration on this machine; EAGLE drafters draft EAGLE-2 dynamic trees
 (or a chain / static tree, --tree); draft LMs draft a chain of k tokens (adaptive by default), or with
@@ -30,7 +31,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from data.questions import load_questions
+from data.questions import Question, load_questions
 from drafters import EagleModel, MedusaModel, load_drafter
 from drafters.draft_lm import check_draft_vocab
 from drafters.vocab import draftsmith_meta, get_draft_vocab
@@ -282,10 +283,11 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
     if copies:
         proposer.lookup_steps = proposer.lookup_accepted = 0
     tallies = {name: defaultdict(Tally) for name in methods if name != "plain"}
-    checked, mismatches = 0, defaultdict(int)
+    checked, mismatches, answers = 0, defaultdict(int), []
     for i, q in enumerate(qs):
         results = {name: answer(generate, tokenizer, q.turns, max_new_tokens, target.device)
                    for name, generate in methods.items()}  # plain first, then each method, on the same machine
+        answers.append(_answer_record(q, results["plain"], tokenizer, eos))
         for turn, base in enumerate(results["plain"]):
             checked += 1
             for name in tallies:
@@ -315,6 +317,7 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
                                            lookup_accepted=proposer.lookup_accepted)
     if check_lossless:
         report["lossless"] = {"checked": checked, "mismatches": mismatches["draftsmith"]}
+    report["answers"] = answers
     for name in [n for n in tallies if n != "draftsmith"]:  # transformers' loops
         hf_overall, hf_per_category = _summaries(tallies[name])
         settings = _hf_assistant_settings(drafter) if name == "hf_assisted" else hf_lookup
@@ -322,6 +325,15 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
         if check_lossless:
             report[name]["lossless"] = {"checked": checked, "mismatches": mismatches[name]}
     return report
+
+
+def _answer_record(q: Question, turns: list[GenerationResult], tokenizer, eos: set[int]) -> dict:
+    """The target's own answer (plain decoding) to each turn of a question, kept in the report: what the speedups
+    were measured on (e.g. whether answers ran to max_new_tokens, where long greedy answers often repeat)."""
+    return {"question_id": q.question_id, "category": q.category,
+            "turns": [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in turns],
+            "new_tokens": [len(r.tokens) for r in turns],
+            "stopped": [bool(r.tokens) and r.tokens[-1] in eos for r in turns]}
 
 
 def _hf_assistant_settings(draft: PreTrainedModel) -> dict:

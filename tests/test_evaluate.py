@@ -49,6 +49,12 @@ def test_evaluate_cli_writes_report_and_is_lossless(saved, capsys):
     assert report["overall"]["new_tokens"] == sum(r["new_tokens"] for r in cats)
     assert report["overall"]["target_forwards"] == sum(r["target_forwards"] for r in cats)
     assert 2 <= report["setup"]["proposer"]["nodes"] <= 8
+    answers = report["answers"]  # the target's own answers, in question order, one text per turn
+    questions = [json.loads(line) for line in open(saved["questions"])]
+    assert [(a["question_id"], a["category"], len(a["turns"])) for a in answers] == \
+        [(q["question_id"], q["category"], len(q["turns"])) for q in questions]
+    assert sum(map(sum, (a["new_tokens"] for a in answers))) == report["overall"]["new_tokens"]
+    assert all(n <= 24 and (stop or n == 24) for a in answers for n, stop in zip(a["new_tokens"], a["stopped"]))
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:3] == ["category", "tau", "speedup"] and "overall" in table
     assert format_table(report) in table
