@@ -40,7 +40,7 @@ from .calibrate import NODE_COUNTS, choose_tree, draft_cost_ratio, proposer_seco
 from .draft_lm_proposer import DraftLMProposer
 from .eagle_proposer import EagleProposer
 from .lookup import PromptLookup
-from .metrics import Tally
+from .metrics import Tally, answer_repetition, repeated_ngrams
 from .packing import grouped_query_attention, packed_linears
 from .proposers import MedusaProposer
 from .speculative import Acceptance, GenerationResult, plain_generate, speculative_generate
@@ -317,7 +317,7 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
                                            lookup_accepted=proposer.lookup_accepted)
     if check_lossless:
         report["lossless"] = {"checked": checked, "mismatches": mismatches["draftsmith"]}
-    report["answers"] = answers
+    report["answers"], report["answer_repetition"] = answers, answer_repetition(answers)
     for name in [n for n in tallies if n != "draftsmith"]:  # transformers' loops
         hf_overall, hf_per_category = _summaries(tallies[name])
         settings = _hf_assistant_settings(drafter) if name == "hf_assisted" else hf_lookup
@@ -329,11 +329,13 @@ def _evaluate(target, tokenizer, drafter, qs, max_new_tokens, temperature, check
 
 def _answer_record(q: Question, turns: list[GenerationResult], tokenizer, eos: set[int]) -> dict:
     """The target's own answer (plain decoding) to each turn of a question, kept in the report: what the speedups
-    were measured on (e.g. whether answers ran to max_new_tokens, where long greedy answers often repeat)."""
+    were measured on (e.g. whether answers ran to max_new_tokens, where long greedy answers often repeat).
+    repeated: per turn, the new tokens that end an n-gram already in that answer (metrics.repeated_ngrams)."""
     return {"question_id": q.question_id, "category": q.category,
             "turns": [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in turns],
             "new_tokens": [len(r.tokens) for r in turns],
-            "stopped": [bool(r.tokens) and r.tokens[-1] in eos for r in turns]}
+            "stopped": [bool(r.tokens) and r.tokens[-1] in eos for r in turns],
+            "repeated": [repeated_ngrams(r.tokens) for r in turns]}
 
 
 def _hf_assistant_settings(draft: PreTrainedModel) -> dict:
@@ -372,6 +374,10 @@ def format_table(report: dict) -> str:
     if "lookup_steps" in proposer:
         lines.append(f"prompt lookup: {proposer['lookup_steps']} of {report['overall']['verify_steps']} steps, "
                      f"accepting {proposer['lookup_accepted']} copied tokens")
+    if "answer_repetition" in report:
+        rep = report["answer_repetition"]
+        lines.append(f"target's answers: {rep['turns_at_budget']} of {rep['turns']} ran to max_new_tokens; "
+                     f"{rep['repeated_share']:.0%} of their tokens repeat an earlier {rep['ngram']}-gram of the answer")
     if "lossless" in report:
         lines.append(f"lossless check: {report['lossless']['mismatches']} mismatching answers of "
                      f"{report['lossless']['checked']}")

@@ -54,3 +54,26 @@ class Tally:
             "acceptance_by_depth": [reached[k] / steps for k in range(1, depth + 1)] if steps else [],
             "alpha": [reached[k] / reached[k - 1] for k in range(1, depth + 1) if reached[k - 1]],
         }
+
+
+REPEAT_NGRAM = 8
+
+
+def repeated_ngrams(tokens: list[int], n: int = REPEAT_NGRAM) -> int:
+    """How many of `tokens` end an n-gram that already occurred earlier in them: verbatim repetition, which
+    prompt lookup and drafts continue cheaply (a small target's long greedy answers loop)."""
+    seen, repeats = set(), 0
+    for i in range(n, len(tokens) + 1):
+        gram = tuple(tokens[i - n:i])
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats
+
+
+def answer_repetition(answers: list[dict]) -> dict:
+    """Pooled over the report's answers (evaluate._answer_record): turns, turns that ran to the token budget, and
+    the share of new tokens that end a repeated n-gram."""
+    turns = [(n, stop, r) for a in answers for n, stop, r in zip(a["new_tokens"], a["stopped"], a["repeated"])]
+    tokens = sum(n for n, _, _ in turns)
+    return {"ngram": REPEAT_NGRAM, "turns": len(turns), "turns_at_budget": sum(not stop for _, stop, _ in turns),
+            "repeated_share": sum(r for _, _, r in turns) / tokens if tokens else 0.0}

@@ -8,6 +8,7 @@ import torch
 from drafters import MedusaModel, load_drafter
 from drafters.draft_lm import build_draft_lm
 from inference.evaluate import evaluate_drafter, format_table, main
+from inference.metrics import answer_repetition, repeated_ngrams
 from inference.target import stop_tokens
 from inference.proposers import MedusaProposer
 from inference.speculative import speculative_generate
@@ -55,7 +56,11 @@ def test_evaluate_cli_writes_report_and_is_lossless(saved, capsys):
         [(q["question_id"], q["category"], len(q["turns"])) for q in questions]
     assert sum(map(sum, (a["new_tokens"] for a in answers))) == report["overall"]["new_tokens"]
     assert all(n <= 24 and (stop or n == 24) for a in answers for n, stop in zip(a["new_tokens"], a["stopped"]))
+    rep = report["answer_repetition"]
+    assert (rep["turns"], rep["turns_at_budget"]) == (5, sum(not s for a in answers for s in a["stopped"]))
+    assert rep["repeated_share"] == sum(map(sum, (a["repeated"] for a in answers))) / report["overall"]["new_tokens"]
     table = capsys.readouterr().out
+    assert f"target's answers: {rep['turns_at_budget']} of 5 ran to max_new_tokens" in table
     assert table.splitlines()[0].split()[:3] == ["category", "tau", "speedup"] and "overall" in table
     assert format_table(report) in table
 
@@ -199,3 +204,12 @@ def test_prompt_lookup_is_reported_lossless_and_refused_for_heads(saved, capsys)
     with pytest.raises(ValueError, match="prompt_lookup=3 is for draft LMs"):
         evaluate_drafter(target, tokenizer, load_drafter(saved["drafter"], target), saved["questions"],
                          max_new_tokens=4, prompt_lookup=3, progress=False)
+
+
+def test_repeated_ngrams_counts_tokens_that_end_an_earlier_ngram():
+    assert repeated_ngrams([1, 2, 3, 1, 2, 3, 1, 2], n=3) == 3   # (1,2,3) (2,3,1) (3,1,2) each seen again
+    assert repeated_ngrams([5, 5, 5, 5], n=2) == 2 and repeated_ngrams([1, 2, 3], n=8) == 0
+    answers = [{"new_tokens": [10, 6], "stopped": [False, True], "repeated": [4, 0]},
+               {"new_tokens": [4], "stopped": [True], "repeated": [1]}]
+    assert answer_repetition(answers) == {"ngram": 8, "turns": 3, "turns_at_budget": 1, "repeated_share": 0.25}
+    assert answer_repetition([])["repeated_share"] == 0.0
