@@ -1,7 +1,7 @@
 """Offline target features for EAGLE training: run the frozen target once over the training conversations and store
 what the drafter's loss needs, so that training epochs (and other drafter runs) skip the target.
 
-    python -m data.features --config configs/eagle3_smollm2.yaml --output runs/features_e3 [--dtype bfloat16]
+    python -m train.features --config configs/eagle3_smollm2.yaml --output runs/features_e3 [--dtype bfloat16]
     python train/train_heads.py --config configs/eagle3_smollm2.yaml drafter.features=runs/features_e3
 
 Per token, only the layers the drafter reads: EAGLE-3 the outputs of its feature layers and the last hidden state
@@ -14,7 +14,6 @@ manifest differs from its config, naming the fields.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data.tokenize import _source_fingerprint, cache_key
+from target.model import target_forward, to_torch_dtype
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -60,7 +60,7 @@ def check_manifest(found: dict, expected: dict, where: str) -> None:
              for k in COMPARED if found.get(k) != expected.get(k)]
     if wrong:
         raise FeatureCacheMismatch(f"feature cache {where} does not match this run ({'; '.join(wrong)}). Dump "
-                                   f"features for this config with `python -m data.features`, or point "
+                                   f"features for this config with `python -m train.features`, or point "
                                    f"drafter.features elsewhere.")
 
 
@@ -73,8 +73,6 @@ def dump_features(target, ds, out_dir: str, manifest: dict, stop_after_shards: i
     """Write the features of every conversation of token dataset `ds` under out_dir (see the module docstring).
     Existing complete shards are kept (resume); a manifest that differs is refused. stop_after_shards: write at
     most that many new shards and return (an interruption, for tests). Returns a report."""
-    from inference.target import target_forward, to_torch_dtype
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST
@@ -127,12 +125,12 @@ class FeatureCache:
         path = self.dir / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{self.dir} has no {MANIFEST}: not a feature cache. Write one with "
-                                    f"`python -m data.features --config ... --output {self.dir}`")
+                                    f"`python -m train.features --config ... --output {self.dir}`")
         self.manifest = json.loads(path.read_text())
         check_manifest(self.manifest, expected, str(self.dir))
         if not self.manifest.get("complete"):
             raise ValueError(f"feature cache {self.dir} is incomplete (an interrupted dump): run the same "
-                             f"`python -m data.features` command again to finish it")
+                             f"`python -m train.features` command again to finish it")
         self.size = self.manifest["shard_size"]
         self._open: dict[int, tuple] = {}
 
@@ -149,45 +147,3 @@ class FeatureCache:
         hidden = f.get_slice("hidden")[starts[j]:starts[j + 1]]
         feats = f.get_slice("features")[starts[j]:starts[j + 1]] if "features" in f.keys() else None
         return feats, hidden
-
-
-def main(argv: list[str] | None = None) -> None:
-    from data.embedded import resolve_data
-    from data.tokenize import build_token_dataset
-    from inference.target import load_target
-    from train.config import load_config
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="an EAGLE training config (target, data, drafter sections)")
-    p.add_argument("--output", help="the cache folder (default: the config's drafter.features)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--shard-size", type=int, default=64, help="conversations per shard")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if cfg.drafter.kind != "eagle":
-        p.error(f"{args.config}: drafter.kind is {cfg.drafter.kind!r}; feature caches are for EAGLE drafters")
-    out = args.output or cfg.drafter.features
-    if not out:
-        p.error("give --output (or set drafter.features in the config)")
-    target, tokenizer = load_target(cfg.target, dtype=cfg.training.target_dtype)
-    source = resolve_data(cfg.data.train)
-    ds, _ = build_token_dataset(source, tokenizer, cfg.data.max_length, cfg.data.cache_dir, cfg.data.limit)
-    manifest = manifest_for(target, tokenizer, source, cfg.data.max_length, cfg.data.limit,
-                            feature_layers_of(cfg, target), args.dtype, len(ds), args.shard_size)
-    report = dump_features(target, ds, out, manifest)
-    print(f"{out}: {report['tokens']:,} tokens, {report['bytes'] / 2**20:,.1f} MiB, "
-          f"{report['bytes_per_token']:,.0f} bytes per token ({report['shards_written']} shards written now)")
-
-
-def feature_layers_of(cfg, target) -> list[int] | None:
-    """The target layers an EAGLE config's drafter reads (None for EAGLE-1: the last hidden state only)."""
-    from drafters.eagle import default_feature_layers
-
-    if cfg.drafter.version == 1:
-        return None
-    return cfg.drafter.feature_layers or default_feature_layers(target.config.get_text_config().num_hidden_layers)
-
-
-if __name__ == "__main__":
-    main()

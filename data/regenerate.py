@@ -32,8 +32,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from data.conversations import Conversation, load_conversations
 from data.embedded import resolve_data
-from inference.packing import packed_linears
-from inference.target import load_target, stop_tokens, target_forward
+from target.packing import packed_linears
+from target.model import load_target, stop_tokens, target_forward
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """A/B of the target's attention during tree verification: transformers' SDPA (key/value heads repeated for every
-query head) against `inference.packing.grouped_sdpa` (heads shared by the kernel), in one process, interleaved.
+query head) against `target.packing.grouped_sdpa` (heads shared by the kernel), in one process, interleaved.
 
     python -m inference.bench_attention --target smollm2-135m-instruct [--drafter DIR --questions FILE --limit 8]
 
@@ -22,9 +22,9 @@ from drafters import load_drafter
 
 from .calibrate import star_verify_steps
 from .evaluate import answer, make_proposer
-from .packing import grouped_query_attention, packed_linears
+from target.packing import grouped_query_attention, packed_linears
 from .speculative import plain_generate, speculative_generate
-from .target import load_target, stop_tokens
+from target.model import load_target, stop_tokens
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .speculative import Proposer
-from .target import target_forward
+from target.model import target_forward
 from .tree import TokenTree, expected_accept_lengths, grow_tree, tree_attention_mask
 
 NODE_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)

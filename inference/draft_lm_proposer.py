@@ -21,7 +21,7 @@ from drafters.vocab import draft_ids, vocab_head
 
 from .lookup import PromptLookup
 from .speculative import sample
-from .target import target_forward
+from target.model import target_forward
 from .tree import TokenTree
 
 

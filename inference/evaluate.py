@@ -41,10 +41,10 @@ from .draft_lm_proposer import DraftLMProposer
 from .eagle_proposer import EagleProposer
 from .lookup import PromptLookup
 from .metrics import Tally, answer_repetition, repeated_ngrams
-from .packing import grouped_query_attention, packed_linears
+from target.packing import grouped_query_attention, packed_linears
 from .proposers import MedusaProposer
 from .speculative import Acceptance, GenerationResult, plain_generate, speculative_generate
-from .target import load_target, stop_tokens, to_torch_dtype
+from target.model import load_target, stop_tokens, to_torch_dtype
 
 # Used when a drafter carries no measured per-head accuracy (e.g. untrained heads): a deliberately modest guess.
 PRIOR_ACCURACY = [[0.5 * 0.7 ** k * 0.3 ** i for i in range(4)] for k in range(8)]
@@ -207,7 +207,7 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                      prompt_lookup: int = 0, prompt_lookup_tokens: int = 8, sibling_depth: int = 1) -> dict:
     """Run the evaluation and return the report (see the module docstring). pack: on CPU, run target and
     drafter with oneDNN-prepacked linear layers and the target with grouped-query attention that does not copy its
-    KV cache (inference.packing), both for plain and speculative decoding.
+    KV cache (target.packing), both for plain and speculative decoding.
     compare_hf (draft LMs): also time transformers' assisted generation with the same draft, and, with
     prompt_lookup, transformers' own prompt lookup (no draft; n-grams of prompt_lookup down to 1 token).
     draft_dtype (draft LMs): run a copy of the draft in this dtype (e.g. bfloat16 beside a float32 target), in

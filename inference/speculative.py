@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from .target import target_forward
+from target.model import target_forward
 from .tree import TokenTree, tree_attention_mask
 
 

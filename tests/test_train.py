@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from drafters import MedusaModel, load_drafter
-from inference.target import load_target
+from target.model import load_target
 from tiny_assets import metric_rows, tiny_overrides
 from train import trainer
 from train.config import CheckpointConfig, load_config

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from drafters import load_drafter
 from drafters.draft_lm import build_draft_lm
-from inference.target import load_target
+from target.model import load_target
 from tiny_assets import metric_rows, tiny_overrides
 from train.config import load_config
 from train.losses import forward_kl, total_variation

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from drafters import EagleModel, load_drafter
-from inference.target import load_target
+from target.model import load_target
 from tiny_assets import tiny_overrides
 from train import push
 from train.config import ConfigError, load_config

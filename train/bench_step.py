@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from drafters import EagleModel, MedusaModel
 from drafters.draft_lm import build_draft_lm
 from inference.calibrate import run_seconds
-from inference.target import target_forward
+from target.model import target_forward
 from train.eagle_objective import Eagle1Objective, Eagle3Objective
 from train.objectives import DraftLMObjective, MedusaObjective
 

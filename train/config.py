@@ -95,7 +95,7 @@ class EagleDrafter:
     cls_weight: float = 0.1  # EAGLE-1: weight of the token (classification) loss
     reg_weight: float = 1.0  # EAGLE-1: weight of the feature regression (SmoothL1) loss
     feature_noise: float = 0.0  # EAGLE-1: uniform noise U(-a, a) on the input features during training
-    features: str | None = None  # offline mode: a feature cache written by `python -m data.features`
+    features: str | None = None  # offline mode: a feature cache written by `python -m train.features`
 
     def __post_init__(self):
         _check(self.feature_layers is None or len(self.feature_layers) >= 1, "drafter.feature_layers",

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from drafters.eagle import EagleModel
-from inference.target import target_forward
+from target.model import target_forward
 from inference.tree import additive_mask
 from train.objectives import LM_HEAD_CHUNK, next_token_supervised
 

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.embedded import EMBEDDED_TARGET_SOURCES
+from target.embedded import EMBEDDED_TARGET_SOURCES
 
 FORMATS = ("sglang", "vllm")
 # Families whose decoder layer is a Llama layer up to biases. draftsmith builds the drafter's layer from the target's
@@ -336,7 +336,7 @@ def vllm_config(d: Drafter, dtype: str, verifier: str, speculative_tokens: int) 
 
 def engine_fc(d: Drafter) -> torch.Tensor:
     """fc.weight [H, 3H] with its column blocks in engine order. draftsmith concatenates the features in
-    feature_layers order (inference/target.py target_forward), the engines in layer order; permuting the blocks of
+    feature_layers order (target/model.py target_forward), the engines in layer order; permuting the blocks of
     fc (y = sum_k W_k f_k) gives the same output."""
     fc, layers = d.tensors["fc.weight"], d.feature_layers
     if layers == d.engine_layers:

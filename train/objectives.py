@@ -20,7 +20,7 @@ from torch import nn
 
 from drafters import MedusaModel
 from drafters.vocab import draft_ids, vocab_head
-from inference.target import lm_logits, target_forward
+from target.model import lm_logits, target_forward
 from train.losses import distill_loss
 
 IGNORE = -100  # label of a (head, position) pair that is not supervised

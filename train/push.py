@@ -17,7 +17,7 @@ import yaml
 from transformers import AutoConfig
 
 import drafters  # noqa: F401  (registers the drafter configs with AutoConfig)
-from data.embedded import EMBEDDED_TARGET_SOURCES
+from target.embedded import EMBEDDED_TARGET_SOURCES
 
 CARD = "README.md"
 REPORT = "eval.json"
@@ -65,7 +65,7 @@ def model_card(drafter_dir: str, repo_id: str, report: dict | None) -> str:
         "## Use", "",
         "```python",
         "from drafters import load_drafter",
-        "from inference.target import load_target",
+        "from target.model import load_target",
         "",
         f"target, tokenizer = load_target({target_ref!r})",
         f"drafter = load_drafter({repo_id!r}, target)",

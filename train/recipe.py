@@ -25,8 +25,9 @@ from train import trainer  # first: it sets DS_ACCELERATOR before anything impor
 from data.batching import collate, length_bucketed_batches, padding_fraction  # noqa: E402
 from data.embedded import resolve_data  # noqa: E402
 from data.tokenize import build_token_dataset  # noqa: E402
-from drafters.vocab import draft_vocab_entry, draftsmith_meta  # noqa: E402
-from inference.target import load_target  # noqa: E402
+from data.vocab import draft_vocab_entry  # noqa: E402
+from drafters.vocab import draftsmith_meta  # noqa: E402
+from target.model import load_target  # noqa: E402
 from train.config import ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
 
 

@@ -16,7 +16,7 @@ import torch
 
 from train import recipe  # first: it sets DS_ACCELERATOR before anything imports deepspeed
 from inference.calibrate import run_seconds  # noqa: E402
-from inference.target import target_forward  # noqa: E402
+from target.model import target_forward  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.train_heads import RECIPES  # noqa: E402
 

@@ -60,7 +60,7 @@ class MedusaRecipe(recipe.Recipe):
 
 class EagleRecipe(recipe.Recipe):
     """Online (the target runs inside every step), or offline with drafter.features: a feature cache written by
-    `python -m data.features` for this config (checked against it) replaces the target's forward."""
+    `python -m train.features` for this config (checked against it) replaces the target's forward."""
 
     def _setup_data(self) -> None:
         super()._setup_data()
@@ -68,7 +68,8 @@ class EagleRecipe(recipe.Recipe):
         dc, c = self.cfg.drafter, self.cfg.data
         if dc.features:
             from data.embedded import resolve_data
-            from data.features import FeatureCache, feature_layers_of, manifest_for
+            from data.features import FeatureCache, manifest_for
+            from train.features import feature_layers_of
 
             expected = manifest_for(self.target, self.tokenizer, resolve_data(c.train), c.max_length, c.limit,
                                     feature_layers_of(self.cfg, self.target), "any", len(self.ds), 0)

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
-from data.embedded import EMBEDDED_TARGETS, embedded_target
+from .embedded import EMBEDDED_TARGETS, embedded_target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # owner/name or name, as the Hugging Face Hub spells repository ids.
