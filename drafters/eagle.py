@@ -140,10 +140,19 @@ def eagle_attention(module: nn.Module, query, key, value, attention_mask, dropou
 AttentionInterface.register(ATTENTION, eagle_attention)
 
 
+def eagle3_layer_inputs(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low/mid/high features: the INPUTS of these target layers (= transformers' hidden_states[i]), what
+    the reference code (SafeAILab eagle/model/modeling_llama_kv.py, hard-coded), SGLang and speculators capture
+    when a checkpoint names no layers."""
+    return 2, num_layers // 2, num_layers - 3
+
+
 def default_feature_layers(num_layers: int) -> list[int]:
-    """EAGLE-3's low/mid/high choice [2, L/2, L-3], clipped into [0, L) for shallow targets, distinct and sorted
-    (serving engines capture each layer once, in layer order)."""
-    return sorted({min(max(i, 0), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3)})
+    """EAGLE-3's default features as draftsmith's feature_layers (layer OUTPUTS): the input of layer i is the
+    output of layer i - 1, so [1, L//2 - 1, L-4] (SmolLM2's 30 layers: [1, 14, 26] = hidden_states[2, 15, 27]).
+    Clipped into [0, L) for shallow targets, distinct and sorted (engines capture each layer once, in layer order).
+    A drafter's config always records its layers, so this default never changes what a saved drafter reads."""
+    return sorted({min(max(i - 1, 0), num_layers - 1) for i in eagle3_layer_inputs(num_layers)})
 
 
 def family_classes(config: PretrainedConfig) -> tuple[type, type, type]:
@@ -211,7 +220,8 @@ class EagleModel(PreTrainedModel):
     @classmethod
     def from_target(cls, target: PreTrainedModel, version: int = 3, feature_layers: list[int] | None = None,
                     draft_vocab: list[int] | None = None, target_name_or_path: str | None = None) -> "EagleModel":
-        """A fresh drafter for `target`. EAGLE-3: feature_layers default to [2, L/2, L-3]; draft_vocab (target ids)
+        """A fresh drafter for `target`. EAGLE-3: feature_layers default to EAGLE-3's (default_feature_layers) and
+        are recorded in the config; draft_vocab (target ids)
         defaults to the whole vocabulary; the LM head starts from the target's rows of those tokens."""
         tc = target.config.get_text_config()
         L = tc.num_hidden_layers

@@ -1,8 +1,10 @@
 """EAGLE drafters: draft-vocabulary maps, the training-time test, lossless greedy decoding (chain, static tree,
 dynamic tree; EAGLE-1 and EAGLE-3; two architectures), save/load and the refusal of a foreign target."""
+import json
+
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from conftest import make_tiny_target
 from drafters import EagleModel, load_drafter
@@ -73,9 +75,44 @@ def test_draft_vocab_maps_round_trip():
         drafter.set_draft_vocab([0, 1, 2, 3, 4, 256])
 
 
-def test_default_feature_layers():
-    assert default_feature_layers(30) == [2, 15, 27]                # SmolLM2-135M
+def deep_llama(layers: int = 8):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=False)).eval()
+
+
+def hidden_states(target, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """transformers' output_hidden_states: [0] the embeddings, [i] the input of decoder layer i."""
+    return target(ids, output_hidden_states=True).hidden_states
+
+
+def test_default_feature_layers_are_eagle3s_layer_inputs():
+    """EAGLE-3's reference code, SGLang and speculators fuse the inputs of layers (2, L//2, L-3) =
+    hidden_states[2, L//2, L-3] when a checkpoint names no layers; draftsmith's feature_layers are layer outputs."""
+    assert default_feature_layers(30) == [1, 14, 26]                # SmolLM2-135M: hidden_states[2, 15, 27]
     assert default_feature_layers(2) == [0, 1]                      # clipped into a 2-layer target, distinct
+    target = deep_llama(8)
+    drafter = EagleModel.from_target(target, version=3)
+    ids = torch.tensor([PROMPTS[2]])
+    features = target_forward(target, ids, feature_layers=drafter.config.feature_layers).features
+    hs = hidden_states(target, ids)
+    assert torch.equal(features, torch.cat([hs[2], hs[4], hs[5]], dim=-1))  # L = 8: (2, L//2, L-3)
+
+
+def test_a_saved_drafter_keeps_the_layers_it_was_trained_on(tmp_path):
+    """A drafter's config records its layers, so a later default never changes what an old drafter reads: one saved
+    with the former default (outputs of layers 2, L/2, L-3) still reads hidden_states[3, 5, 6] after loading."""
+    target = deep_llama(8)
+    EagleModel.from_target(target, version=3).save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["feature_layers"] == [1, 3, 4]
+    EagleModel.from_target(target, version=3, feature_layers=[2, 4, 5]).save_pretrained(tmp_path / "old")
+    loaded = load_drafter(str(tmp_path / "old"), target)
+    proposer = EagleProposer(loaded, **TREES["dynamic"])
+    ids = torch.tensor([PROMPTS[2]])
+    features = target_forward(target, ids, feature_layers=proposer.feature_layers).features
+    hs = hidden_states(target, ids)
+    assert torch.equal(features, torch.cat([hs[3], hs[5], hs[6]], dim=-1))
 
 
 def test_feature_width_and_eagle1_refuses_feature_layers():

@@ -299,14 +299,14 @@ def test_refuses_vllm_without_a_verifier(tmp_path):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_drafter_saved_by_draftsmith_exports_completely(tmp_path, fmt):
-    """A real EagleModel (8-layer tiny Llama target, default feature layers [2, 4, 5]) saved with save_pretrained:
+    """A real EagleModel (8-layer tiny Llama target, default feature layers [1, 3, 4]) saved with save_pretrained:
     every saved tensor lands in the export, bit-identical, under its engine name."""
     torch.manual_seed(0)
     target = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
     drafter = EagleModel.from_target(target, version=3, draft_vocab=list(range(0, 300, 3)),
                                      target_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert drafter.config.feature_layers == [2, 4, 5]
+    assert drafter.config.feature_layers == [1, 3, 4]
     drafter.save_pretrained(tmp_path / "drafter")
     export(tmp_path / "drafter", fmt, tmp_path / "out")
     exported = load_file(str(tmp_path / "out" / "model.safetensors"))

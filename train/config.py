@@ -87,7 +87,7 @@ class DraftLMDrafter:
 class EagleDrafter:
     kind: Literal["eagle"] = "eagle"
     version: Literal[1, 3] = 3
-    feature_layers: list[int] | None = None  # EAGLE-3: target layers whose outputs are fused; null: [2, L/2, L-3]
+    feature_layers: list[int] | None = None  # EAGLE-3: target layers whose OUTPUTS are fused; null: EAGLE-3 default
     draft_vocab: int | None = None  # EAGLE-3: its LM head covers the N most frequent training tokens (null: all);
     # EAGLE-1: the N most frequent tokens are recorded and drafted over with those rows of the target's head (FR-Spec)
     ttt_steps: int = 7  # EAGLE-3: training-time-test steps unrolled per position

@@ -91,10 +91,11 @@ def _eagle_description(config) -> str:
         return ("EAGLE-1 feature drafter: one decoder layer of the target's architecture reads the target's last "
                 "hidden state and the next token's embedding and predicts the next feature; the target's LM head "
                 "turns it into tokens.")
-    return (f"EAGLE-3 drafter: features of target layers {config.feature_layers} fused into one decoder layer, "
-            f"trained with the training-time test; its own LM head covers {config.draft_vocab_size:,} frequent "
-            f"tokens (`d2t` / `t2d` maps). `python -m train.export --drafter DIR --format sglang|vllm` writes the "
-            f"layouts SGLang and vLLM load.")
+    inputs = [i + 1 for i in config.feature_layers]  # output of layer i = transformers' hidden_states[i + 1]
+    return (f"EAGLE-3 drafter: the outputs of target layers {config.feature_layers} (hidden_states{inputs}) fused "
+            f"into one decoder layer, trained with the training-time test; its own LM head covers "
+            f"{config.draft_vocab_size:,} frequent tokens (`d2t` / `t2d` maps). `python -m train.export --drafter DIR "
+            f"--format sglang|vllm` writes the layouts SGLang and vLLM load.")
 
 
 def _results(report: dict) -> list[str]:
