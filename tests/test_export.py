@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 from drafters import EagleModel
+from tiny_assets import tiny_tokenizer
 
 from train.export import FORMATS, ExportRefused, export, main
 
@@ -80,6 +81,19 @@ def drafter(tmp_path):
     return write_drafter(tmp_path / "drafter")
 
 
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    """A saved target of the drafters' shape (tokenizer included, as a target checkpoint has one)."""
+    folder = tmp_path_factory.mktemp("target")
+    torch.manual_seed(3)
+    config = LlamaConfig(**{k: v for k, v in target_config().items() if k in (
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "num_hidden_layers", "vocab_size", "max_position_embeddings")}, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def read(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads((folder / "config.json").read_text()), load_file(folder / "model.safetensors")
 
@@ -93,22 +107,44 @@ def target_ids_as_loaded(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt,expected", [("sglang", SGLANG_TENSORS), ("vllm", VLLM_TENSORS)])
-def test_every_tensor_the_loader_expects_is_there_bit_identical(drafter, tmp_path, fmt, expected):
-    report = export(drafter, fmt, tmp_path / "out")
+def test_every_tensor_the_loader_expects_is_there_bit_identical(drafter, target_dir, tmp_path, fmt, expected):
+    report = export(drafter, fmt, tmp_path / "out", target=str(target_dir))
     _, out = read(tmp_path / "out")
-    assert {n: tuple(t.shape) for n, t in out.items()} == {**expected, **SKIPPED_BY_LOADERS}
-    assert "embed_tokens.weight" not in out  # both engines borrow the target's embedding
+    embedding = {"embed_tokens.weight": (V, H)} if fmt == "vllm" else {}  # SGLang always takes the target's
+    assert {n: tuple(t.shape) for n, t in out.items()} == {**expected, **SKIPPED_BY_LOADERS, **embedding}
     src = load_file(drafter / "model.safetensors")
     for name, t in src.items():
         got = out[name.replace("midlayer.", "layers.0.") if fmt == "vllm" else name]
         assert got.dtype == t.dtype and torch.equal(got, t), name
     assert out["d2t"].dtype == torch.int64 and out["t2d"].dtype == torch.bool
-    assert [r.source for r in report.rows] == list(src)  # every input tensor is accounted for in the report
+    assert [r.source for r in report.rows if "(target)" not in r.source] == list(src)  # all in the report
+
+
+def test_vllm_layout_carries_the_targets_embedding_unless_told_not_to(drafter, target_dir, tmp_path):
+    """speculators' from_pretrained leaves a missing embed_tokens at zero: the layout carries the target's."""
+    export(drafter, "vllm", tmp_path / "out", target=str(target_dir), dtype="bfloat16")
+    _, out = read(tmp_path / "out")
+    embedding = load_file(target_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(out["embed_tokens.weight"], embedding.to(torch.bfloat16))
+    report = export(drafter, "vllm", tmp_path / "bare", embedding=False)  # no target needed then
+    assert "embed_tokens.weight" not in read(tmp_path / "bare")[1]
+    assert any("no embed_tokens" in n for n in report.notes)
+
+
+def test_refuses_an_embedding_of_another_shape(drafter, tmp_path):
+    from tiny_assets import write_tiny_target
+
+    other = write_tiny_target(tmp_path / "other")  # vocabulary 320, not the drafter's 300
+    with pytest.raises(ExportRefused, match=r"embedding of shape \[320, 64\].*\[300, 64\]"):
+        export(drafter, "vllm", tmp_path / "out", target=other)
+    with pytest.raises(ExportRefused, match="--no-embedding"):  # a Hub id this machine cannot reach
+        export(drafter, "vllm", tmp_path / "out", target="someone/not-here")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("fmt", ["sglang", "vllm"])
 def test_d2t_and_t2d_describe_the_draft_vocabulary(drafter, tmp_path, fmt):
-    export(drafter, fmt, tmp_path / "out")
+    export(drafter, fmt, tmp_path / "out", embedding=False)
     _, out = read(tmp_path / "out")
     ids = target_ids_as_loaded(out)
     assert torch.equal(ids, draft_vocab())
@@ -116,7 +152,8 @@ def test_d2t_and_t2d_describe_the_draft_vocabulary(drafter, tmp_path, fmt):
 
 
 def test_sglang_config_has_the_keys_its_loader_reads(drafter, tmp_path):
-    export(drafter, "sglang", tmp_path / "out")
+    report = export(drafter, "sglang", tmp_path / "out")
+    assert any("EaModel ignores these ids" in n for n in report.notes)  # [0, 1, 2] is not EAGLE-3's default
     config, _ = read(tmp_path / "out")
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["model_type"] == "llama"
     assert {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -138,7 +175,7 @@ def test_sglang_config_has_the_keys_its_loader_reads(drafter, tmp_path):
 
 
 def test_vllm_config_has_the_keys_speculators_and_vllm_read(drafter, tmp_path):
-    export(drafter, "vllm", tmp_path / "out", speculative_tokens=4)
+    export(drafter, "vllm", tmp_path / "out", speculative_tokens=4, embedding=False)
     config, _ = read(tmp_path / "out")
     assert config["speculators_model_type"] == "eagle3"
     spec = config["speculators_config"]
@@ -162,7 +199,7 @@ def test_vllm_config_has_the_keys_speculators_and_vllm_read(drafter, tmp_path):
 
 
 def test_dtype_cast_keeps_the_vocabulary_maps(drafter, tmp_path):
-    export(drafter, "vllm", tmp_path / "out", dtype="bfloat16")
+    export(drafter, "vllm", tmp_path / "out", dtype="bfloat16", embedding=False)
     config, out = read(tmp_path / "out")
     src = load_file(drafter / "model.safetensors")
     assert torch.equal(out["layers.0.mlp.up_proj.weight"], src["midlayer.mlp.up_proj.weight"].to(torch.bfloat16))
@@ -174,7 +211,7 @@ def test_dtype_cast_keeps_the_vocabulary_maps(drafter, tmp_path):
 def test_full_attention_bias_goes_to_vllm_only(tmp_path):
     biases = tuple(f"midlayer.self_attn.{p}_proj.bias" for p in "qkvo")
     folder = write_drafter(tmp_path / "drafter", tensors=drafter_tensors(biases))
-    export(folder, "vllm", tmp_path / "vllm")
+    export(folder, "vllm", tmp_path / "vllm", embedding=False)
     config, out = read(tmp_path / "vllm")
     assert config["transformer_layer_config"]["attention_bias"] is True
     assert out["layers.0.self_attn.o_proj.bias"].shape == (H,)
@@ -184,18 +221,19 @@ def test_full_attention_bias_goes_to_vllm_only(tmp_path):
 
 def test_embedded_target_is_named_by_its_hub_id(tmp_path):
     folder = write_drafter(tmp_path / "drafter", target_name_or_path="smollm2-135m-instruct")
-    export(folder, "vllm", tmp_path / "out")
+    export(folder, "vllm", tmp_path / "out", embedding=False)
     config, _ = read(tmp_path / "out")
     assert config["speculators_config"]["verifier"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_cli_prints_the_mapping(drafter, tmp_path, capsys):
-    main(["--drafter", str(drafter), "--format", "vllm", "--output", str(tmp_path / "out"), "--verifier", "x/y"])
+    main(["--drafter", str(drafter), "--format", "vllm", "--output", str(tmp_path / "out"), "--verifier", "x/y",
+          "--no-embedding"])
     printed = capsys.readouterr().out
     assert re.search(r"midlayer\.self_attn\.q_proj\.weight +-> layers\.0\.self_attn\.q_proj\.weight", printed)
     assert "t2d" in printed and "verifier: x/y" in printed
     with pytest.raises(SystemExit):  # a refusal ends as a usage error, not a traceback
-        main(["--drafter", str(drafter), "--format", "vllm", "--output", str(tmp_path / "out")])
+        main(["--drafter", str(drafter), "--format", "vllm", "--output", str(tmp_path / "out"), "--no-embedding"])
 
 
 # --- refusals ----------------------------------------------------------------------------------------------------
@@ -254,7 +292,7 @@ def test_refuses_layers_the_engines_cannot_capture(tmp_path, layers):
 def test_unsorted_feature_layers_are_written_in_engine_order(tmp_path, fmt):
     """The engines concatenate the captured layers in layer order; draftsmith in feature_layers order."""
     folder = write_drafter(tmp_path / "drafter", feature_layers=[2, 0, 1])
-    export(folder, fmt, tmp_path / "out")
+    export(folder, fmt, tmp_path / "out", embedding=False)
     config, out = read(tmp_path / "out")
     ids = config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] if fmt == "sglang" else None
     assert ids in (None, [0, 1, 2]) and config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
@@ -308,8 +346,13 @@ def test_a_drafter_saved_by_draftsmith_exports_completely(tmp_path, fmt):
                                      target_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
     assert drafter.config.feature_layers == [1, 3, 4]
     drafter.save_pretrained(tmp_path / "drafter")
-    export(tmp_path / "drafter", fmt, tmp_path / "out")
+    target.save_pretrained(tmp_path / "target")
+    tiny_tokenizer().save_pretrained(tmp_path / "target")
+    report = export(tmp_path / "drafter", fmt, tmp_path / "out", target=str(tmp_path / "target"))
+    assert not any("EaModel" in n for n in report.notes)  # the default layers: what EaModel hard-codes
     exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    if fmt == "vllm":
+        assert torch.equal(exported.pop("embed_tokens.weight"), target.get_input_embeddings().weight)
     prefix = "midlayer." if fmt == "sglang" else "layers.0."
     for name, tensor in drafter.state_dict().items():
         key = name.replace("midlayer.", prefix)

@@ -1,47 +1,13 @@
-"""Export an EAGLE-3 drafter saved by draftsmith into the checkpoint layouts that serving engines load.
+"""Export a drafter saved by draftsmith into the checkpoint layouts serving engines load (docs/export.md says
+which loader reads what, and why each refusal exists).
 
     python -m train.export --drafter RUN_DIR/drafter --format sglang --output OUT
     python -m train.export --drafter RUN_DIR/drafter --format vllm --output OUT [--verifier HUB_ID_OR_PATH]
 
-Both layouts are one folder with config.json and model.safetensors; the engines take the target's embedding, so
-the drafter (which has none) is complete. Every input tensor lands in the output under its engine name; the
-export refuses what a loader could not express (or would drop silently) and prints the mapping.
-
-`sglang` -- the native EAGLE-3 layout (SafeAILab EAGLE / SpecForge), loaded by SGLang's LlamaForCausalLMEagle3
-    (python/sglang/srt/models/llama_eagle3.py) and by vLLM's Eagle3LlamaForCausalLM (registered under the same
-    architecture name). config.json: a LlamaConfig with architectures ["LlamaForCausalLMEagle3"],
-    num_hidden_layers 1, vocab_size = target vocabulary V, draft_vocab_size N, tie_word_embeddings false,
-    eagle_config {eagle_aux_hidden_state_layer_ids, use_aux_hidden_state}. Tensors: fc.weight [H, 3H],
-    midlayer.{input_layernorm, hidden_norm, post_attention_layernorm}.weight [H],
-    midlayer.self_attn.{q,k,v}_proj.weight [*, 2H], midlayer.self_attn.o_proj.weight, midlayer.mlp.*, norm.weight,
-    lm_head.weight [N, H], d2t [N] int64, t2d [V] bool.
-`vllm` -- the vLLM "speculators" layout (vllm-project/speculators Eagle3SpeculatorConfig; read by
-    vllm/transformers_utils/configs/speculators/{base,algos}.py): config.json with speculators_model_type "eagle3",
-    transformer_layer_config (the Llama layer's fields), draft_vocab_size, norm_before_residual (vLLM assumes true
-    when absent, so it is always written), eagle_aux_hidden_state_layer_ids and speculators_config {algorithm,
-    proposal_methods [greedy, speculative_tokens], default_proposal_method, verifier {name_or_path,
-    architectures}}; `vllm serve OUT` then loads the verifier as the target. Tensors as above with layers.0.*
-    in place of midlayer.* (vllm/model_executor/models/llama_eagle3.py).
-
-Vocabulary maps (EAGLE-3, SafeAILab eagle/traineagle3/cnets.py): d2t holds offsets, target id = draft id +
-d2t[draft id]; t2d marks the target ids that have a draft id. Both loaders rebuild the map from d2t and skip t2d
-by name; it is kept so the files stay complete EAGLE-3 checkpoints.
-
-Layer ids. draftsmith's feature_layers[k] = i means the OUTPUT of target decoder layer i (0-based) =
-transformers' output_hidden_states[i + 1].
-- SGLang reads eagle_config["eagle_aux_hidden_state_layer_ids"] and captures the input of layer id + 1
-  (llama.py set_eagle3_layers_to_capture; model_executor/model_runner.py): its ids are layer OUTPUTS, written as is.
-- vLLM reads the top-level eagle_aux_hidden_state_layer_ids and captures the INPUT of layer id (llama.py
-  LlamaModel.forward; v1 spec_decode eagle3_utils.py); the speculators library uses the same hidden_states index
-  (speculators convert/dflash/converter.py). Its ids are i + 1; the native file carries both keys.
-- Absent ids mean the inputs of layers (2, L//2, L-3) in both engines, so they are always written. The output of
-  the last layer (L-1) has no capture point in either engine and is refused.
-- The engines capture each listed layer once, in the order the target runs them; draftsmith concatenates the
-  features in feature_layers order. Repeated layers are refused; other orders are written sorted, with fc.weight's
-  column blocks permuted to match (exact).
-
-Also read: vllm-project/speculators src/speculators/{config.py, models/eagle3/config.py, proposals/greedy.py,
-convert/eagle/eagle3_converter.py}; sgl-project/SpecForge configs/*-eagle3.json.
+Each layout is one folder with config.json and model.safetensors. Every input tensor lands in the output under its
+engine name (the vllm layout adds the target's embed_tokens); what a loader cannot express is refused
+(ExportRefused), never dropped. draftsmith's feature_layers are layer OUTPUTS (hidden_states[i + 1]); SGLang's
+eagle_config ids are too, vLLM's and speculators' top-level ids are hidden_states indices (i + 1).
 """
 from __future__ import annotations
 
@@ -53,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from drafters.eagle import default_feature_layers
 from target.embedded import EMBEDDED_TARGET_SOURCES
 
 FORMATS = ("sglang", "vllm")
@@ -345,6 +312,29 @@ def engine_fc(d: Drafter) -> torch.Tensor:
     return torch.cat([blocks[k] for k in sorted(range(len(layers)), key=layers.__getitem__)], dim=1)
 
 
+def target_embedding(d: Drafter, source: str | None) -> torch.Tensor:
+    """The target's input embedding [V, H], read from `source` (default: the target the drafter was trained on):
+    speculators and vLLM load the vLLM layout's embed_tokens from the checkpoint (speculators leaves it zero when
+    it is absent)."""
+    from target.model import load_target
+
+    name = source or d.config.get("target_name_or_path")
+    if not name:
+        raise ExportRefused(f"{d.folder / 'config.json'} names no target: give --target PATH (the target's checkpoint "
+                            f"folder, to read its embedding from), or --no-embedding")
+    try:
+        model, _ = load_target(name)
+    except (OSError, ValueError) as err:
+        raise ExportRefused(f"cannot read the embedding of target {name!r} ({str(err).splitlines()[0]}): give "
+                            f"--target with a local checkpoint folder, or --no-embedding") from err
+    weight = model.get_input_embeddings().weight.detach()
+    want = (d.target["vocab_size"], d.target["hidden_size"])
+    if tuple(weight.shape) != want:
+        raise ExportRefused(f"target {name!r} has an embedding of shape {list(weight.shape)}; the drafter was trained "
+                            f"on one of {list(want)}: give --target the target it was trained on")
+    return weight.contiguous()
+
+
 def resolve_verifier(d: Drafter, verifier: str | None) -> str:
     """--verifier, else the target the drafter was trained on (an embedded target by its source Hub id)."""
     name = verifier or d.config.get("target_name_or_path")
@@ -373,9 +363,12 @@ def prepare_output(output: Path, drafter_folder: Path, force: bool) -> None:
 
 
 def export(drafter_dir: str | Path, fmt: str, output: str | Path, verifier: str | None = None,
-           dtype: str | None = None, force: bool = False, speculative_tokens: int = 3) -> ExportReport:
+           dtype: str | None = None, force: bool = False, speculative_tokens: int = 3, embedding: bool = True,
+           target: str | None = None) -> ExportReport:
     """Write `output`/{config.json, model.safetensors} in the layout of `fmt` ('sglang' or 'vllm') and return the
-    mapping. dtype ('float32', 'float16', 'bfloat16') casts floating tensors; d2t stays int64, t2d bool."""
+    mapping. dtype ('float32', 'float16', 'bfloat16') casts floating tensors; d2t stays int64, t2d bool.
+    embedding (vllm): write the target's embed_tokens, read from `target` (default: `verifier`, else the
+    drafter's target)."""
     if fmt not in FORMATS:
         raise ExportRefused(f"--format {fmt!r}: choose one of {FORMATS}")
     if dtype is not None and dtype not in DTYPES:
@@ -385,11 +378,13 @@ def export(drafter_dir: str | Path, fmt: str, output: str | Path, verifier: str 
     d = read_drafter(drafter_dir)
     check_drafter(d)
     check_engine(d, fmt)
+    verifier_name = resolve_verifier(d, verifier) if fmt == "vllm" else None
+    extra = {"embed_tokens.weight": target_embedding(d, target or verifier)} if fmt == "vllm" and embedding else {}
     tensors = {output_name(n, fmt): t.to(DTYPES[dtype]) if dtype and t.is_floating_point() else t
-               for n, t in {**d.tensors, "fc.weight": engine_fc(d)}.items()}
+               for n, t in {**d.tensors, "fc.weight": engine_fc(d), **extra}.items()}
     weight_dtype = str(tensors["fc.weight"].dtype).removeprefix("torch.")
     config = (sglang_config(d, weight_dtype) if fmt == "sglang"
-              else vllm_config(d, weight_dtype, resolve_verifier(d, verifier), speculative_tokens))
+              else vllm_config(d, weight_dtype, verifier_name, speculative_tokens))
     out = Path(output)
     prepare_output(out, d.folder, force)
     save_file({n: t.contiguous() for n, t in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
@@ -407,16 +402,25 @@ def build_report(d: Drafter, fmt: str, out: Path, tensors: dict[str, torch.Tenso
         t = tensors[output_name(name, fmt)]
         report.rows.append(TensorRow(name, output_name(name, fmt), tuple(t.shape),
                                      str(t.dtype).removeprefix("torch."), notes.get(name, "")))
+    if "embed_tokens.weight" in tensors:
+        t = tensors["embed_tokens.weight"]
+        report.rows.append(TensorRow("(target) embed_tokens", "embed_tokens.weight", tuple(t.shape),
+                                     str(t.dtype).removeprefix("torch."), "the target's, frozen"))
     report.layer_ids["draftsmith feature_layers (layer outputs)"] = d.feature_layers
     if fmt == "sglang":
         report.layer_ids["eagle_config.eagle_aux_hidden_state_layer_ids (SGLang: layer outputs)"] = d.engine_layers
+        if d.engine_layers != default_feature_layers(d.target["num_hidden_layers"]):
+            report.notes.append("SafeAILab's EaModel ignores these ids and fuses EAGLE-3's default layers: serve "
+                                "this drafter with SGLang or vLLM, which read them")
         if verifier:
             report.notes.append("--verifier is not recorded in this layout: SGLang takes the target from --model-path")
     else:
         report.notes.append(f"verifier: {config['speculators_config']['verifier']['name_or_path']}")
     vllm_ids = config["eagle_aux_hidden_state_layer_ids"]
     report.layer_ids["eagle_aux_hidden_state_layer_ids (vLLM: layer inputs)"] = vllm_ids
-    report.notes.append("no embed_tokens: both engines share the target's embedding with the drafter")
+    if "embed_tokens.weight" not in tensors:
+        report.notes.append("no embed_tokens: the engine must share the target's embedding with the drafter"
+                            + (" (speculators leaves it zero)" if fmt == "vllm" else ""))
     return report
 
 
@@ -429,10 +433,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating tensors (default: keep them as saved)")
     p.add_argument("--speculative-tokens", type=int, default=3, help="vllm: draft tokens per step (default 3)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --output")
+    p.add_argument("--no-embedding", dest="embedding", action="store_false",
+                   help="vllm: leave the target's embed_tokens out (for an engine that shares the target's)")
+    p.add_argument("--target", help="vllm: the target checkpoint (folder or embedded name) to read embed_tokens "
+                                    "from (default: --verifier, else the drafter's target)")
     args = p.parse_args(argv)
     try:
         report = export(args.drafter, args.format, args.output, args.verifier, args.dtype, args.force,
-                        args.speculative_tokens)
+                        args.speculative_tokens, args.embedding, args.target)
     except ExportRefused as err:
         p.error(str(err))
     print(report.table())

@@ -1,0 +1,131 @@
+"""Interop tier: each export is loaded by the reference implementation itself, in its own virtual environment
+(tests/interop/setup.sh), and must give draftsmith's outputs on the same inputs. Opt-in (-m interop; see
+docs/export.md): skipped unless DRAFTSMITH_INTEROP names the folder setup.sh built.
+
+Checked per export: the reference loader reports no missing or unexpected keys beyond what it fills from the
+target, and its logits equal draftsmith's (max |delta| <= 1e-4 in float32)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM, DynamicCache
+
+from drafters import EagleModel
+from target.model import target_forward
+from tiny_assets import tiny_tokenizer, VOCAB
+from train.eagle_objective import causal_mask
+from train.export import export
+
+pytestmark = pytest.mark.interop
+HERE = Path(__file__).parent
+TOLERANCE = 1e-4
+STEPS = 3  # training-time-test steps compared
+
+
+def reference_python(env: str) -> str:
+    root = os.environ.get("DRAFTSMITH_INTEROP")
+    if not root:
+        pytest.skip("interop tier: set DRAFTSMITH_INTEROP to the folder tests/interop/setup.sh built")
+    python = Path(root) / env / "bin" / "python"
+    if not python.is_file():
+        pytest.fail(f"{python} does not exist: run tests/interop/setup.sh {root} {env}")
+    return str(python)
+
+
+def run_reference(env: str, script: str, *args, extra_env: dict | None = None) -> None:
+    done = subprocess.run([reference_python(env), str(HERE / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, **(extra_env or {})})
+    if done.returncode:
+        pytest.fail(f"{script} in the {env} environment failed:\n{done.stderr[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    """A tiny Llama target (8 layers, so that EAGLE-3's default layers are distinct and capturable), saved with
+    its tokenizer like a Hub checkpoint."""
+    folder = tmp_path_factory.mktemp("target")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512, tie_word_embeddings=False,
+                                         bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def target(target_dir):
+    return LlamaForCausalLM.from_pretrained(target_dir).eval().requires_grad_(False)
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Every weight moved off its initial value (norms off 1, biases off 0), so a loader that drops or misplaces
+    any tensor changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def eagle3(target, tmp_path_factory):
+    """An EAGLE-3 drafter (default feature layers, a draft vocabulary of every other token) saved by draftsmith."""
+    torch.manual_seed(2)
+    drafter = perturbed(EagleModel.from_target(target, version=3, draft_vocab=list(range(0, VOCAB, 2))))
+    folder = tmp_path_factory.mktemp("eagle3") / "drafter"
+    drafter.save_pretrained(folder)
+    return drafter.eval(), folder
+
+
+def prompt_ids(n: int = 24, seed: int = 3) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))  # [1, T]
+
+
+@torch.no_grad()
+def eagle3_ttt_logits(drafter: EagleModel, features: torch.Tensor, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """draftsmith's logits [steps, n, N] of the training-time test on one sequence (train/eagle_objective.py's
+    loop, without the loss): step i at anchor j reads token x_{j+1+i} at position j + i and step i-1's output."""
+    n = ids.shape[1] - 1
+    tokens = torch.cat([ids, ids.new_zeros(1, steps)], dim=1)
+    h, cache, mask = drafter.fuse(features[:, :n]), DynamicCache(), causal_mask(n, torch.float32, ids.device)
+    out = []
+    for i in range(steps):
+        h = drafter(tokens[:, 1 + i:1 + i + n], h, (torch.arange(n) + i)[None], mask, cache, ttt=True)
+        out.append(drafter.logits(h)[0])
+    return torch.stack(out)
+
+
+def reference_keys(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["keys"])
+
+
+def test_speculators_loads_the_vllm_layout_and_matches(eagle3, target, target_dir, tmp_path):
+    """speculators 0.9.0's Eagle3DraftModel on the vllm export: complete (nothing missing but the verifier's
+    norm and LM head, which only its training loss reads), and the same logits at every training-time-test step."""
+    drafter, folder = eagle3
+    export(folder, "vllm", tmp_path / "export", verifier=str(target_dir))
+    ids = prompt_ids()
+    features = target_forward(target, ids, feature_layers=drafter.config.feature_layers).features  # [1, T, 3H]
+    expected = eagle3_ttt_logits(drafter, features, ids, STEPS)
+    n = ids.shape[1] - 1
+    save_file({"features": features[:, :n].contiguous(), "tokens": ids[:, 1:].contiguous(),
+               "steps": torch.tensor([STEPS])}, tmp_path / "inputs.safetensors")
+    run_reference("speculators", "ref_speculators.py", tmp_path / "export", tmp_path / "inputs.safetensors",
+                  tmp_path / "out.safetensors")
+    keys = reference_keys(tmp_path / "out.safetensors")
+    assert keys["unexpected"] == []
+    assert keys["missing"] == ["verifier_lm_head.weight", "verifier_norm.weight"]
+    got = load_file(tmp_path / "out.safetensors")["logits"]
+    assert got.shape == expected.shape
+    for step in range(STEPS):
+        delta = (got[step] - expected[step]).abs().max().item()
+        assert delta <= TOLERANCE, f"training-time-test step {step}: max |delta logit| {delta:.2e}"
