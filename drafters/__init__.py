@@ -8,13 +8,13 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .draft_lm import load_draft_lm
 from .eagle import EagleConfig, EagleModel
+from .kinds import KINDS, kind_of_model_type
 from .medusa import MedusaConfig, MedusaModel
 
-DRAFTER_KINDS: dict[str, type[PreTrainedModel]] = {"medusa": MedusaModel, "eagle": EagleModel}
-
-for _model_cls in DRAFTER_KINDS.values():
-    AutoConfig.register(_model_cls.config_class.model_type, _model_cls.config_class, exist_ok=True)
-    AutoModel.register(_model_cls.config_class, _model_cls, exist_ok=True)
+for _kind in KINDS.values():
+    if _kind.model is not None:
+        AutoConfig.register(_kind.model.config_class.model_type, _kind.model.config_class, exist_ok=True)
+        AutoModel.register(_kind.model.config_class, _kind.model, exist_ok=True)
 
 
 def load_drafter(path: str, target: PreTrainedModel | None = None, **kwargs) -> PreTrainedModel:
@@ -26,7 +26,7 @@ def load_drafter(path: str, target: PreTrainedModel | None = None, **kwargs) -> 
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{path} has neither config.json nor adapter_config.json: not a saved drafter")
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    if model_type not in {cls.config_class.model_type for cls in DRAFTER_KINDS.values()}:
+    if kind_of_model_type(model_type) == "draft_lm":
         return load_draft_lm(folder, target, **kwargs)  # any causal LM sharing the target's vocabulary
     drafter = AutoModel.from_pretrained(folder, **kwargs)
     if target is not None:

@@ -21,7 +21,8 @@ from data.questions import load_questions
 from drafters import load_drafter
 
 from .calibrate import star_verify_steps
-from .evaluate import answer, make_proposer
+from .evaluate import answer
+from .proposer_setup import make_proposer
 from target.packing import grouped_query_attention, packed_linears
 from .speculative import plain_generate, speculative_generate
 from target.model import load_target, stop_tokens

@@ -6,6 +6,7 @@ from conftest import make_tiny_target
 import copy
 
 from drafters import EagleModel, MedusaModel
+from inference.eval_config import EvalConfig
 from inference.evaluate import evaluate_drafter
 from inference.proposers import MedusaProposer
 from inference.speculative import speculative_generate
@@ -39,8 +40,9 @@ def test_tree_verification_is_lossless_on_cuda(arch):
 
 def test_evaluation_runs_on_cuda(tmp_path):
     target, tokenizer = load_target(write_tiny_target(tmp_path / "target"), device="cuda")
-    report = evaluate_drafter(target, tokenizer, perturbed_drafter(target), write_questions(tmp_path / "q.jsonl"),
-                              max_new_tokens=16, check_lossless=True, max_tree_nodes=8, progress=False)
+    config = EvalConfig(questions=write_questions(tmp_path / "q.jsonl"), max_new_tokens=16, check_lossless=True,
+                        max_tree_nodes=8)
+    report = evaluate_drafter(target, tokenizer, perturbed_drafter(target), config, progress=False)
     assert report["lossless"] == {"checked": 5, "mismatches": 0}
     assert report["setup"]["device"].startswith("cuda")
 

@@ -341,7 +341,7 @@ def test_auto_tree_is_calibrated_from_per_rank_accuracy(trained, monkeypatch):
     """--tree auto for EAGLE: a static tree grown from the recorded per-depth, per-rank accuracy (depth-limited),
     sized by the timed verify and drafting costs, and decoding with it is lossless; a drafter recording top-1 only
     gets a chain."""
-    from inference.evaluate import make_proposer
+    from inference.proposer_setup import make_proposer
     from inference.tree import grow_tree
 
     target, drafter = trained

@@ -7,6 +7,7 @@ import torch
 
 from drafters import MedusaModel, load_drafter
 from drafters.draft_lm import build_draft_lm
+from inference.eval_config import ConfigError, EvalConfig
 from inference.evaluate import evaluate_drafter, format_table, main
 from inference.metrics import answer_repetition, repeated_ngrams
 from target.model import stop_tokens
@@ -72,25 +73,6 @@ def test_evaluate_refuses_drafter_of_another_target(saved, tmp_path):
         load_drafter(str(tmp_path / "bad"), load_target(saved["target"])[0])
 
 
-def test_check_lossless_needs_greedy(saved, capsys):
-    with pytest.raises(SystemExit):
-        main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
-              "--check-lossless", "--temperature", "0.7"])
-    assert "--check-lossless compares against greedy decoding: use --temperature 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
-              "--draft-confidence", "1.5"])
-    assert "--draft-confidence 1.5 must be in [0, 1) (0: off)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
-              "--draft-siblings", "2", "--sibling-depth", "0"])
-    assert "--sibling-depth 0 must be >= 1 (the chain depths given siblings)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
-              "--sibling-depth", "2"])
-    assert "--sibling-depth 2 gives chain tokens runners-up: use it with --draft-siblings N" in capsys.readouterr().err
-
-
 def test_prompt_at_multi_turn_boundary_is_lossless(saved):
     target, _ = load_target(saved["target"])
     tok = tiny_tokenizer()
@@ -154,8 +136,9 @@ def test_bfloat16_draft_lm_beside_float32_target_stays_lossless_in_both_loops(sa
     in the target's fp32 keeps both exact. The caller's draft is left in fp32."""
     target, tokenizer = load_target(saved["target"])
     draft = build_draft_lm(target, 2, [0, 1])  # the target's own layers: nearly every draft is accepted
-    report = evaluate_drafter(target, tokenizer, draft, saved["questions"], max_new_tokens=12, check_lossless=True,
-                              compare_hf=True, draft_dtype="bfloat16", progress=False)
+    config = EvalConfig(questions=saved["questions"], max_new_tokens=12, check_lossless=True, compare_hf=True,
+                        draft_dtype="bfloat16")
+    report = evaluate_drafter(target, tokenizer, draft, config, progress=False)
     assert report["setup"]["draft_dtype"] == "bfloat16" and report["setup"]["dtype"] == "float32"
     assert next(draft.parameters()).dtype == torch.float32
     assert report["lossless"]["mismatches"] == 0 == report["hf_assisted"]["lossless"]["mismatches"]
@@ -167,14 +150,14 @@ def test_draft_dtype_is_refused_for_heads_and_unknown_names(saved, capsys):
     base = ["--target", saved["target"], "--questions", saved["questions"], "--max-new-tokens", "4"]
     with pytest.raises(SystemExit):
         main(base + ["--drafter", saved["drafter"], "--draft-dtype", "bfloat16"])
-    assert "--draft-dtype is for draft LMs" in capsys.readouterr().err
+    assert "--draft-dtype='bfloat16' is for draft_lm drafters; this drafter is medusa" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--drafter", saved["drafter"], "--draft-dtype", "fp8"])
-    assert "--draft-dtype: unknown dtype 'fp8'" in capsys.readouterr().err
+    assert "--draft-dtype='fp8' must be one of float32, bfloat16, float16 or null" in capsys.readouterr().err
     target, tokenizer = load_target(saved["target"])
-    with pytest.raises(ValueError, match="draft_dtype='bfloat16' is for draft LMs"):
-        evaluate_drafter(target, tokenizer, load_drafter(saved["drafter"], target), saved["questions"],
-                         max_new_tokens=4, draft_dtype="bfloat16", progress=False)
+    with pytest.raises(ConfigError, match="eval.draft_dtype='bfloat16' is for draft_lm drafters"):
+        evaluate_drafter(target, tokenizer, load_drafter(saved["drafter"], target),
+                         EvalConfig(questions=saved["questions"], max_new_tokens=4, draft_dtype="bfloat16"))
 
 
 def test_prompt_lookup_is_reported_lossless_and_refused_for_heads(saved, capsys):
@@ -183,8 +166,9 @@ def test_prompt_lookup_is_reported_lossless_and_refused_for_heads(saved, capsys)
     the flag is refused for Medusa heads and for n-grams under 2."""
     target, tokenizer = load_target(saved["target"])
     draft = build_draft_lm(target, 1, [0])
-    report = evaluate_drafter(target, tokenizer, draft, saved["questions"], max_new_tokens=24, check_lossless=True,
-                              compare_hf=True, prompt_lookup=3, prompt_lookup_tokens=5, progress=False)
+    config = EvalConfig(questions=saved["questions"], max_new_tokens=24, check_lossless=True, compare_hf=True,
+                        prompt_lookup=3, prompt_lookup_tokens=5)
+    report = evaluate_drafter(target, tokenizer, draft, config, progress=False)
     setup = report["setup"]["proposer"]
     assert setup["prompt_lookup"] == {"max_ngram": 3, "min_ngram": 2, "tokens": 5}
     assert 0 < setup["lookup_steps"] <= report["overall"]["verify_steps"]
@@ -198,13 +182,13 @@ def test_prompt_lookup_is_reported_lossless_and_refused_for_heads(saved, capsys)
     base = ["--target", saved["target"], "--questions", saved["questions"], "--max-new-tokens", "4"]
     with pytest.raises(SystemExit):
         main(base + ["--drafter", saved["drafter"], "--prompt-lookup", "3"])
-    assert "--prompt-lookup is for draft LMs" in capsys.readouterr().err
+    assert "--prompt-lookup=3 is for draft_lm drafters; this drafter is medusa" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--drafter", saved["drafter"], "--prompt-lookup", "1"])
-    assert "--prompt-lookup 1: the longest n-gram matched, >= 2 (0: off)" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="prompt_lookup=3 is for draft LMs"):
-        evaluate_drafter(target, tokenizer, load_drafter(saved["drafter"], target), saved["questions"],
-                         max_new_tokens=4, prompt_lookup=3, progress=False)
+    assert "--prompt-lookup=1 is the longest n-gram matched: >= 2, or 0 (off)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="eval.prompt_lookup=3 is for draft_lm drafters"):
+        evaluate_drafter(target, tokenizer, load_drafter(saved["drafter"], target),
+                         EvalConfig(questions=saved["questions"], max_new_tokens=4, prompt_lookup=3))
 
 
 def test_repeated_ngrams_counts_tokens_that_end_an_earlier_ngram():

@@ -6,7 +6,7 @@ Every key must be a field of its section (unknown keys are errors that list the 
 coerced to the field's annotated type: command-line values are parsed from text (`true`, `3e-4`, `null`,
 `[1, 2]`), YAML values must already have the right type (numbers written as `3e-4`, which PyYAML reads as
 text, are accepted for float fields). The `drafter` section's fields depend on `drafter.kind`, looked up in
-DRAFTER_KINDS.
+DRAFTER_SECTIONS.
 """
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key, where it came from and what is allowed."""
+from drafters.kinds import check_table
+from inference.eval_config import ConfigError, EvalConfig, check as _check
 
 
 # --- sections --------------------------------------------------------------------------------------------------
@@ -112,7 +111,8 @@ class EagleDrafter:
 
 
 # drafter.kind -> the dataclass of that kind's `drafter` section.
-DRAFTER_KINDS: dict[str, type] = {"medusa": MedusaDrafter, "draft_lm": DraftLMDrafter, "eagle": EagleDrafter}
+DRAFTER_SECTIONS: dict[str, type] = {"medusa": MedusaDrafter, "draft_lm": DraftLMDrafter, "eagle": EagleDrafter}
+check_table(DRAFTER_SECTIONS, "train/config.py DRAFTER_SECTIONS")
 
 
 @dataclass
@@ -198,51 +198,6 @@ class CheckpointConfig:
 
 
 @dataclass
-class EvalConfig:
-    questions: str | None = None  # embedded name (mt-bench) or Spec-Bench-format JSONL; null: no evaluation
-    per_category: int | None = None
-    limit: int | None = None
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    check_lossless: bool = False
-    tree: str = "auto"  # auto: a static tree sized from held-out per-head (Medusa) / per-depth (EAGLE) top-k
-    # accuracy and this machine's verify and drafting times | chain | JSON rank paths | EAGLE: dynamic
-    max_tree_nodes: int = 64  # auto: the largest tree tried; EAGLE dynamic trees: the nodes verified
-    tree_depth: int = 5  # EAGLE: draft steps per proposal (dynamic tree / static tree limit / chain length)
-    tree_topk: int = 4  # EAGLE dynamic trees: nodes expanded per depth, and children per expanded node
-    draft_k: int = 4  # draft LMs: tokens drafted per step (start value when adaptive)
-    adaptive_k: bool = True
-    draft_siblings: int = 0  # draft LMs, greedy: the draft's next N first tokens verified too (depth-1 alternatives)
-    sibling_depth: int = 1  # draft LMs, with draft_siblings: the chain's tokens at depths 1..D get N runners-up each
-    draft_confidence: float = 0.0  # draft LMs: end a chain once the draft's own probability is below this (0: off)
-    compare_hf: bool = False  # draft LMs: also time transformers' assisted generation with the same draft
-    full_draft_vocab: bool = False  # draft LMs: ignore a recorded frequent-token draft vocabulary
-    draft_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # draft LMs: run the draft in this dtype
-    # (e.g. bfloat16 beside a float32 target; null: the target's)
-    prompt_lookup: int = 0  # draft LMs: where the last N (down to 2) tokens occurred before, propose what followed
-    # them (prompt lookup, no draft forward) instead of drafting; 0: off
-    prompt_lookup_tokens: int = 8  # tokens copied per prompt-lookup proposal
-
-    def __post_init__(self):
-        _check(self.max_tree_nodes >= 1, "eval.max_tree_nodes", self.max_tree_nodes, "must be >= 1")
-        _check(self.tree_depth >= 1, "eval.tree_depth", self.tree_depth, "must be >= 1")
-        _check(self.tree_topk >= 1, "eval.tree_topk", self.tree_topk, "must be >= 1")
-        _check(self.draft_k >= 1, "eval.draft_k", self.draft_k, "must be >= 1")
-        _check(self.draft_siblings >= 0, "eval.draft_siblings", self.draft_siblings, "must be >= 0")
-        _check(self.sibling_depth >= 1, "eval.sibling_depth", self.sibling_depth, "must be >= 1")
-        _check(self.sibling_depth == 1 or self.draft_siblings, "eval.sibling_depth", self.sibling_depth,
-               "gives chain tokens runners-up: set eval.draft_siblings too")
-        _check(not (self.draft_siblings and self.temperature > 0), "eval.draft_siblings", self.draft_siblings,
-               "is for greedy evaluation (eval.temperature 0)")
-        _check(0 <= self.draft_confidence < 1, "eval.draft_confidence", self.draft_confidence, "must be in [0, 1)")
-        _check(self.prompt_lookup == 0 or self.prompt_lookup >= 2, "eval.prompt_lookup", self.prompt_lookup,
-               "is the longest n-gram matched: >= 2, or 0 (off)")
-        _check(self.prompt_lookup_tokens >= 1, "eval.prompt_lookup_tokens", self.prompt_lookup_tokens, "must be >= 1")
-        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
-        _check(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0")
-
-
-@dataclass
 class PushConfig:
     repo_id: str | None = None  # USER/NAME: upload the drafter (with its model card) at the end of training
     private: bool = False
@@ -266,11 +221,7 @@ class TrainConfig:
                "training.target_dtype", self.training.target_dtype,
                f"must be {dtype} with drafter.share_lm_head=true and training.precision={self.training.precision}: "
                "the heads feed the target's own LM head, so both must use one dtype")
-        _check(isinstance(self.drafter, DraftLMDrafter) or self.eval.draft_dtype in (None, self.training.target_dtype),
-               "eval.draft_dtype", self.eval.draft_dtype, "is for draft LMs (they run their own forward); Medusa and "
-               "EAGLE drafters read the target's hidden states and run in training.target_dtype")
-        _check(isinstance(self.drafter, DraftLMDrafter) or not self.eval.prompt_lookup, "eval.prompt_lookup",
-               self.eval.prompt_lookup, "is for draft LMs (a step either copies or drafts); use 0 for Medusa and EAGLE")
+        self.eval.check_kind(self.drafter.kind)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -354,9 +305,9 @@ def _build(cls: type, raw: Any, prefix: str, overridden: list[str]):
 
 
 def _drafter_class(kind: Any) -> type:
-    if kind not in DRAFTER_KINDS:
-        raise ConfigError(f"drafter.kind {kind!r} is not a known drafter kind; known kinds: {', '.join(DRAFTER_KINDS)}")
-    return DRAFTER_KINDS[kind]
+    if kind not in DRAFTER_SECTIONS:
+        raise ConfigError(f"drafter.kind {kind!r} is not a known drafter kind; known kinds: {', '.join(DRAFTER_SECTIONS)}")
+    return DRAFTER_SECTIONS[kind]
 
 
 _NULLS = ("null", "none", "~", "")
@@ -426,11 +377,6 @@ def _scalar(value: Any, hint: type, is_text: bool) -> Any:
         # PyYAML reads `3e-4` (no dot) as text: accept numeric text for floats wherever it comes from.
         return float(value)
     raise TypeError(f"unsupported field type {hint}")
-
-
-def _check(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} {rule}")
 
 
 def dump_config(cfg: TrainConfig, path: str) -> None:

@@ -28,6 +28,7 @@ from data.tokenize import build_token_dataset  # noqa: E402
 from data.vocab import draft_vocab_entry  # noqa: E402
 from drafters.vocab import draftsmith_meta  # noqa: E402
 from target.model import load_target  # noqa: E402
+from train import kinds  # noqa: E402
 from train.config import ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
 
 
@@ -216,16 +217,9 @@ class Recipe:
         return drafter
 
     def evaluate(self, drafter: torch.nn.Module) -> None:
-        from inference.evaluate import evaluate_drafter, format_table, write_report
-        e = self.cfg.eval
-        report = evaluate_drafter(self.target, self.tokenizer, drafter, e.questions, max_new_tokens=e.max_new_tokens,
-                                  temperature=e.temperature, per_category=e.per_category, limit=e.limit,
-                                  check_lossless=e.check_lossless, tree=e.tree, max_tree_nodes=e.max_tree_nodes,
-                                  draft_k=e.draft_k, adaptive_k=e.adaptive_k, full_draft_vocab=e.full_draft_vocab,
-                                  compare_hf=e.compare_hf, tree_depth=e.tree_depth, tree_topk=e.tree_topk,
-                                  draft_siblings=e.draft_siblings, draft_confidence=e.draft_confidence,
-                                  draft_dtype=e.draft_dtype, prompt_lookup=e.prompt_lookup,
-                                  prompt_lookup_tokens=e.prompt_lookup_tokens, sibling_depth=e.sibling_depth)
+        from inference.evaluate import evaluate_drafter
+        from inference.report import format_table, write_report
+        report = evaluate_drafter(self.target, self.tokenizer, drafter, self.cfg.eval)
         tmp = self.out / ".eval.json.tmp"
         write_report(report, str(tmp))
         tmp.replace(self.out / "eval.json")
@@ -276,8 +270,6 @@ def main(recipes: dict[str, type[Recipe]], argv: list[str] | None, description: 
         sys.exit(f"config error: {err}")
     if cfg.drafter.kind not in recipes:
         sys.exit(f"config error: drafter.kind is {cfg.drafter.kind!r}, but this script trains "
-                 f"{' / '.join(recipes)} drafters; use {SCRIPTS.get(cfg.drafter.kind, 'the script for that kind')}")
+                 f"{' / '.join(recipes)} drafters; use {kinds.script(cfg.drafter.kind)}")
     return run(recipes[cfg.drafter.kind], cfg, local_rank)
 
-
-SCRIPTS = {"medusa": "train/train_heads.py", "eagle": "train/train_heads.py", "draft_lm": "train/train_draft_lm.py"}

@@ -18,7 +18,7 @@ from train import recipe  # first: it sets DS_ACCELERATOR before anything import
 from inference.calibrate import run_seconds  # noqa: E402
 from target.model import target_forward  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.train_heads import RECIPES  # noqa: E402
+from train.kinds import recipe_class  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(args.config, [*args.overrides, f"output_dir={out}", "eval.questions=null",
                                         "checkpoint.every_steps=null", "logging.progress_bar=false"])
-        r = RECIPES[cfg.drafter.kind](cfg)
+        r = recipe_class(cfg.drafter.kind)(cfg)
         r.setup()
         try:
-            layers = getattr(r.engine.module.drafter.config, "feature_layers", None)
+            drafter = getattr(r.engine.module, "drafter", None)  # draft LMs train the module itself
+            layers = getattr(getattr(drafter, "config", None), "feature_layers", None)
             batches = [r.batch(b) for b in r.epoch_batches(0)[:args.batches + 1]]
 
             def target_only(batch):

@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
 from train import recipe  # noqa: E402  (first: it sets DS_ACCELERATOR before anything imports deepspeed)
 from drafters.draft_lm import DRAFT_LM_KIND, add_lora, build_draft_lm, load_draft_lm, save_draft  # noqa: E402
 from drafters.vocab import get_draft_vocab  # noqa: E402
+from train import kinds  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.objectives import DraftLMObjective, draft_agreement, unwrap  # noqa: E402
 
@@ -89,7 +90,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> recipe.TrainResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    recipe.main({"draft_lm": DraftLMRecipe}, argv, __doc__)
+    recipe.main(kinds.recipes_of("train/train_draft_lm.py"), argv, __doc__)
 
 
 if __name__ == "__main__":

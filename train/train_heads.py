@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
 
 from train import recipe  # noqa: E402  (first: it sets DS_ACCELERATOR before anything imports deepspeed)
 from drafters import EagleModel, MedusaModel  # noqa: E402
+from train import kinds  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.eagle_objective import Eagle1Objective, Eagle3Objective  # noqa: E402
 from train.objectives import MedusaObjective, head_topk_accuracy  # noqa: E402
@@ -152,12 +153,9 @@ class EagleRecipe(recipe.Recipe):
         drafter.save_pretrained(path)
 
 
-RECIPES = {"medusa": MedusaRecipe, "eagle": EagleRecipe}
-
-
 def run(cfg: TrainConfig, local_rank: int | None = None) -> recipe.TrainResult:
     """Train (or resume) as configured; every rank calls this."""
-    return recipe.run(RECIPES[cfg.drafter.kind], cfg, local_rank)
+    return recipe.run(kinds.recipe_class(cfg.drafter.kind), cfg, local_rank)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
@@ -165,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    recipe.main(RECIPES, argv, __doc__)
+    recipe.main(kinds.recipes_of("train/train_heads.py"), argv, __doc__)
 
 
 if __name__ == "__main__":

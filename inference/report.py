@@ -1,0 +1,89 @@
+"""The evaluation report: per-category and overall summaries, the target's own answers, and the terminal table."""
+from __future__ import annotations
+
+import json
+
+from drafters.kinds import kind_of
+from drafters.vocab import draftsmith_meta
+
+from .metrics import Tally, repeated_ngrams
+from .speculative import GenerationResult
+
+
+def summaries(tallies: dict[str, Tally]) -> tuple[dict, dict]:
+    overall = Tally()
+    for t in tallies.values():
+        overall.merge(t)
+    return overall.summary(), {c: t.summary() for c, t in sorted(tallies.items())}
+
+
+def answer_record(q, turns: list[GenerationResult], tokenizer, eos: set[int]) -> dict:
+    """The target's own answer (plain decoding) to each turn of a question, kept in the report: what the speedups
+    were measured on (e.g. whether answers ran to max_new_tokens, where long greedy answers often repeat).
+    repeated: per turn, the new tokens that end an n-gram already in that answer (metrics.repeated_ngrams)."""
+    return {"question_id": q.question_id, "category": q.category,
+            "turns": [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in turns],
+            "new_tokens": [len(r.tokens) for r in turns],
+            "stopped": [bool(r.tokens) and r.tokens[-1] in eos for r in turns],
+            "repeated": [repeated_ngrams(r.tokens) for r in turns]}
+
+
+def acceptance_name(temperature: float, typical: bool) -> str:
+    if temperature == 0:
+        return "greedy (lossless)"
+    return "typical acceptance (LOSSY)" if typical else "speculative sampling (lossless in distribution)"
+
+
+def drafter_target(drafter) -> str | None:
+    """The target a drafter was trained for, as recorded in its config."""
+    if kind_of(drafter) != "draft_lm":
+        return drafter.config.target_name_or_path
+    return draftsmith_meta(drafter.config).get("target_name_or_path")
+
+
+def format_table(report: dict) -> str:
+    """The per-category table printed on the terminal."""
+    rows = [*report["per_category"].items(), ("overall", report["overall"])]
+    depth = max(len(r["alpha"]) for _, r in rows)
+    head = f"{'category':<20}{'tau':>6}{'speedup':>9}{'tok/s':>8}{'base':>8}" + "".join(
+        f"{'a' + str(k + 1):>6}" for k in range(depth))
+    lines = [head, "-" * len(head)]
+    for name, r in rows:
+        alphas = "".join(f"{a:>6.2f}" for a in r["alpha"]) + " " * 6 * (depth - len(r["alpha"]))
+        lines.append(f"{name:<20}{r['tau']:>6.2f}{r['speedup']:>8.2f}x{r['tokens_per_s']:>8.1f}"
+                     f"{r['baseline_tokens_per_s']:>8.1f}{alphas}")
+    proposer = report["setup"]["proposer"]
+    if "lookup_steps" in proposer:
+        lines.append(f"prompt lookup: {proposer['lookup_steps']} of {report['overall']['verify_steps']} steps, "
+                     f"accepting {proposer['lookup_accepted']} copied tokens")
+    if "answer_repetition" in report:
+        rep = report["answer_repetition"]
+        lines.append(f"target's answers: {rep['turns_at_budget']} of {rep['turns']} ran to max_new_tokens; "
+                     f"{rep['repeated_share']:.0%} of their tokens repeat an earlier {rep['ngram']}-gram of the answer")
+    if "lossless" in report:
+        lines.append(f"lossless check: {report['lossless']['mismatches']} mismatching answers of "
+                     f"{report['lossless']['checked']}")
+    ours = {**report["per_category"], "overall": report["overall"]}
+    for key, title in (("hf_assisted", "transformers assisted generation, same draft, same prompts:"),
+                       ("hf_prompt_lookup", "transformers prompt lookup (no draft), same prompts:")):
+        hf = report.get(key)
+        if not hf:
+            continue
+        lines += ["", title, f"{'category':<20}{'tau':>6}{'speedup':>9}{'tok/s':>8}{'base':>8}{'ours/hf':>9}",
+                  "-" * 60]
+        for name, r in [*hf["per_category"].items(), ("overall", hf["overall"])]:
+            ratio = ours[name]["tokens_per_s"] / r["tokens_per_s"] if r["tokens_per_s"] else 0.0
+            lines.append(f"{name:<20}{r['tau']:>6.2f}{r['speedup']:>8.2f}x{r['tokens_per_s']:>8.1f}"
+                         f"{r['baseline_tokens_per_s']:>8.1f}{ratio:>8.2f}x")
+        if "lossless" in hf:
+            lines.append(f"lossless check (hf): {hf['lossless']['mismatches']} mismatching answers of "
+                         f"{hf['lossless']['checked']}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+
+
