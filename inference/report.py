@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import json
 
-from drafters.kinds import kind_of
-from drafters.vocab import draftsmith_meta
+from drafters.provenance import provenance
 
 from .metrics import Tally, repeated_ngrams
 from .speculative import GenerationResult
@@ -36,9 +35,7 @@ def acceptance_name(temperature: float, typical: bool) -> str:
 
 def drafter_target(drafter) -> str | None:
     """The target a drafter was trained for, as recorded in its config."""
-    if kind_of(drafter) != "draft_lm":
-        return drafter.config.target_name_or_path
-    return draftsmith_meta(drafter.config).get("target_name_or_path")
+    return provenance(drafter.config)["target_name_or_path"]
 
 
 def format_table(report: dict) -> str:

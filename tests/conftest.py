@@ -42,3 +42,26 @@ def assets(tmp_path_factory):
     from tiny_assets import write_tiny_assets
 
     return write_tiny_assets(tmp_path_factory.mktemp("assets"))
+
+
+def perturbed_medusa(target, num_heads: int = 3, seed: int = 0):
+    """Medusa heads whose residual blocks are moved off the identity initialisation, so that they draft something
+    other than the target's own next token (fixed seed), attached to `target`."""
+    from drafters import MedusaModel
+
+    drafter = MedusaModel.from_target(target, num_heads=num_heads, num_layers=1)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in drafter.blocks.parameters():
+            p.normal_(0, 0.05)
+    drafter.attach_target(target)
+    return drafter.eval()
+
+
+def assert_target_unchanged(target, target_dir: str) -> None:
+    """After training: every target parameter is frozen and equal to the checkpoint in `target_dir`."""
+    from target.model import load_target
+
+    pristine, _ = load_target(target_dir)
+    for (name, p), q in zip(target.named_parameters(), pristine.parameters()):
+        assert not p.requires_grad and torch.equal(p.cpu(), q), f"target parameter {name} changed"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny_target
+from conftest import make_tiny_target, perturbed_medusa
 import copy
 
 from drafters import EagleModel, MedusaModel
@@ -18,20 +18,10 @@ from train.eagle_objective import Eagle3Objective
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def perturbed_drafter(target):
-    drafter = MedusaModel.from_target(target, num_heads=3)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in drafter.blocks.parameters():
-            p.normal_(0, 0.05)
-    drafter.attach_target(target)
-    return drafter.eval()
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tree_verification_is_lossless_on_cuda(arch):
     target = make_tiny_target(arch).cuda()
-    proposer = MedusaProposer(perturbed_drafter(target), grow_tree([[0.6, 0.2], [0.4, 0.2], [0.3, 0.1]], 8))
+    proposer = MedusaProposer(perturbed_medusa(target), grow_tree([[0.6, 0.2], [0.4, 0.2], [0.3, 0.1]], 8))
     prompt = torch.tensor([1, 17, 33, 250, 9], device="cuda")
     reference = target.generate(prompt[None], max_new_tokens=40, do_sample=False, eos_token_id=2,
                                 pad_token_id=0)[0, len(prompt):].tolist()
@@ -42,7 +32,7 @@ def test_evaluation_runs_on_cuda(tmp_path):
     target, tokenizer = load_target(write_tiny_target(tmp_path / "target"), device="cuda")
     config = EvalConfig(questions=write_questions(tmp_path / "q.jsonl"), max_new_tokens=16, check_lossless=True,
                         max_tree_nodes=8)
-    report = evaluate_drafter(target, tokenizer, perturbed_drafter(target), config, progress=False)
+    report = evaluate_drafter(target, tokenizer, perturbed_medusa(target), config, progress=False)
     assert report["lossless"] == {"checked": 5, "mismatches": 0}
     assert report["setup"]["device"].startswith("cuda")
 

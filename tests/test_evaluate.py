@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from conftest import perturbed_medusa
+
 from drafters import MedusaModel, load_drafter
 from drafters.draft_lm import build_draft_lm
 from inference.eval_config import ConfigError, EvalConfig
@@ -25,11 +27,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     target_dir = write_tiny_target(root / "target")
     target, _ = load_target(target_dir)
-    drafter = MedusaModel.from_target(target, num_heads=3)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in drafter.blocks.parameters():
-            p.normal_(0, 0.05)
+    drafter = perturbed_medusa(target)
     drafter.config.head_topk_accuracy = [[0.5, 0.2, 0.1], [0.3, 0.1, 0.1], [0.2, 0.1, 0.05]]
     drafter.save_pretrained(root / "drafter")
     return {"target": target_dir, "drafter": str(root / "drafter"), "questions": write_questions(root / "q.jsonl"),

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from conftest import perturbed_medusa
+
 from drafters import MedusaModel
 from inference.proposers import MedusaProposer
 from inference.speculative import Acceptance, keep_cache_entries, plain_generate, speculative_generate
@@ -59,16 +61,6 @@ def test_oracle_tree_verification_is_lossless(tiny_target, prompt):
     assert result.forwards == 1 + len(result.accept_lengths)
     steps = [n + 1 for n in result.accept_lengths]  # tokens each verify step emits (bonus included)
     assert 1 + sum(steps[:-1]) < len(result.tokens) <= 1 + sum(steps)
-
-
-def perturbed_medusa(target, seed=0, num_heads=3):
-    drafter = MedusaModel.from_target(target, num_heads=num_heads, num_layers=1)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in drafter.blocks.parameters():
-            p.normal_(0, 0.05)
-    drafter.attach_target(target)
-    return drafter.eval()
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -17,6 +17,7 @@ import yaml
 from transformers import AutoConfig
 
 import drafters  # noqa: F401  (registers the drafter configs with AutoConfig)
+from drafters.provenance import provenance
 from target.embedded import EMBEDDED_TARGET_SOURCES
 
 CARD = "README.md"
@@ -38,7 +39,7 @@ def model_card(drafter_dir: str, repo_id: str, report: dict | None) -> str:
     """README.md text: YAML front matter, what the drafter is, how to use it, and its measured acceptance."""
     config = AutoConfig.from_pretrained(drafter_dir)
     kind = config.model_type.removeprefix("draftsmith_")
-    target = getattr(config, "target_name_or_path", None)
+    target = provenance(config)["target_name_or_path"]
     base = base_model_id(target)
     meta = {"library_name": "draftsmith", "tags": ["speculative-decoding", kind, "draftsmith"]}
     if base:

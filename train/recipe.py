@@ -26,6 +26,7 @@ from data.batching import collate, length_bucketed_batches, padding_fraction  # 
 from data.embedded import resolve_data  # noqa: E402
 from data.tokenize import build_token_dataset  # noqa: E402
 from data.vocab import draft_vocab_entry  # noqa: E402
+from drafters.provenance import record_provenance  # noqa: E402
 from drafters.vocab import draftsmith_meta  # noqa: E402
 from target.model import load_target  # noqa: E402
 from train import kinds  # noqa: E402
@@ -201,6 +202,7 @@ class Recipe:
             return None
         self.metrics.close_bar()
         drafter = self.inference_drafter(state)
+        record_provenance(drafter.config, self.cfg.drafter.kind, self.target.config, self.cfg.target)
         final = self.out / "drafter"
         tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".drafter.tmp-"))
         self.save_drafter(drafter, tmp)
