@@ -239,12 +239,6 @@ def test_cli_prints_the_mapping(drafter, tmp_path, capsys):
 # --- refusals ----------------------------------------------------------------------------------------------------
 
 
-def test_refuses_eagle1(tmp_path):
-    folder = write_drafter(tmp_path / "drafter", eagle_version=1)
-    with pytest.raises(ExportRefused, match="eagle_version 1"):
-        export(folder, "sglang", tmp_path / "out")
-
-
 @pytest.mark.parametrize("fmt,message", [("sglang", "SGLang.*without bias"), ("vllm", "not expressible")])
 def test_refuses_qwen2_qkv_bias(tmp_path, fmt, message):
     biases = tuple(f"midlayer.self_attn.{p}_proj.bias" for p in "qkv")  # Qwen2's layer: q/k/v bias, o_proj none
@@ -306,7 +300,7 @@ def test_unsorted_feature_layers_are_written_in_engine_order(tmp_path, fmt):
 
 @pytest.mark.parametrize("change,message", [
     ({"draft_vocab_size": N + 10}, r"lm_head.weight \[50, 64\], expected \[60, 64\]"),
-    ({"model_type": "draftsmith_medusa"}, "expected 'draftsmith_eagle'"),
+    ({"model_type": "llama"}, "expected 'draftsmith_eagle' or 'draftsmith_medusa'"),
 ])
 def test_refuses_a_config_that_does_not_fit(tmp_path, change, message):
     folder = write_drafter(tmp_path / "drafter", **change)
@@ -358,3 +352,98 @@ def test_a_drafter_saved_by_draftsmith_exports_completely(tmp_path, fmt):
         key = name.replace("midlayer.", prefix)
         assert torch.equal(exported[key], tensor), name
     assert len(exported) == len(drafter.state_dict())
+
+
+# --- Medusa heads and EAGLE-1 drafters ---------------------------------------------------------------------------
+# Names and config keys as vLLM's MedusaModel (model_executor/models/medusa.py, transformers_utils/configs/medusa.py),
+# vLLM's EagleLlamaForCausalLM (models/llama_eagle.py) and SGLang's LlamaForCausalLMEagle (srt/models/llama_eagle.py)
+# read them.
+
+def saved(model, folder):
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_target():
+    torch.manual_seed(4)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                                        num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM,
+                                        tie_word_embeddings=False, rope_theta=50000.0)).eval()
+
+
+def test_medusa_heads_in_vllms_medusa_layout(llama_target, tmp_path):
+    from drafters import MedusaModel
+
+    heads = MedusaModel.from_target(llama_target, num_heads=3, num_layers=2, target_name_or_path="someone/tiny")
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p))
+    export(saved(heads, tmp_path / "drafter"), "vllm", tmp_path / "out")
+    config, out = read(tmp_path / "out")
+    expected = {f"blocks.{k}.layers.{j}.{p}": (H, H) if p == "weight" else (H,)
+                for k in range(3) for j in range(2) for p in ("weight", "bias")}
+    expected |= {f"lm_heads.{k}.weight": (V, H) for k in range(3)}
+    assert {n: tuple(t.shape) for n, t in out.items()} == expected
+    assert torch.equal(out["blocks.2.layers.1.bias"], heads.blocks[2][1].linear.bias)
+    assert torch.equal(out["lm_heads.1.weight"], heads.lm_heads[1].weight)
+    assert {k: config[k] for k in ("architectures", "model_type", "hidden_size", "vocab_size", "num_heads",
+                                   "num_hidden_layers", "truncated_vocab_size", "medusa_fc_bias",
+                                   "original_lm_head")} == {
+        "architectures": ["MedusaModel"], "model_type": "medusa", "hidden_size": H, "vocab_size": V, "num_heads": 3,
+        "num_hidden_layers": 2, "truncated_vocab_size": V, "medusa_fc_bias": True, "original_lm_head": False}
+    with pytest.raises(ExportRefused, match="no sglang layout"):
+        export(tmp_path / "drafter", "sglang", tmp_path / "sglang")
+
+
+def test_medusa_heads_sharing_the_targets_head_carry_it_once(llama_target, target_dir, tmp_path):
+    from drafters import MedusaModel
+
+    heads = MedusaModel.from_target(llama_target, num_heads=2, share_lm_head=True)
+    export(saved(heads, tmp_path / "drafter"), "vllm", tmp_path / "out", target=str(target_dir))
+    config, out = read(tmp_path / "out")
+    head = load_file(target_dir / "model.safetensors")["lm_head.weight"]
+    assert config["original_lm_head"] is True and torch.equal(out["lm_heads.0.weight"], head)
+    assert not any(n.startswith("lm_heads.1") for n in out)  # vLLM loads one head for all (lm_heads.0.weight)
+
+
+EAGLE1_LAYER = {  # SafeAILab's EAGLE-1 layer: q/k/v read H (fc already fused the pair), no input_layernorm
+    "layers.0.self_attn.q_proj.weight": (HEADS * HEAD_DIM, H), "layers.0.self_attn.k_proj.weight": (KV * HEAD_DIM, H),
+    "layers.0.self_attn.v_proj.weight": (KV * HEAD_DIM, H), "layers.0.self_attn.o_proj.weight": (H, HEADS * HEAD_DIM),
+    "layers.0.post_attention_layernorm.weight": (H,), "layers.0.mlp.gate_proj.weight": (INTER, H),
+    "layers.0.mlp.up_proj.weight": (INTER, H), "layers.0.mlp.down_proj.weight": (H, INTER),
+    "fc.weight": (H, 2 * H),
+}
+
+
+@pytest.mark.parametrize("fmt,arch", [("sglang", "LlamaForCausalLMEagle"), ("vllm", "LlamaForCausalLM")])
+def test_eagle1_in_the_engines_eagle_layouts(llama_target, tmp_path, fmt, arch):
+    drafter = EagleModel.from_target(llama_target, version=1, target_name_or_path="someone/tiny")
+    if fmt == "vllm":
+        torch.nn.init.zeros_(drafter.fc.bias)  # vLLM's EAGLE-1 fc has no bias: only a zero one is expressible
+    export(saved(drafter, tmp_path / "drafter"), fmt, tmp_path / "out")
+    config, out = read(tmp_path / "out")
+    expected = EAGLE1_LAYER | ({"fc.bias": (H,)} if fmt == "sglang" else {})
+    assert {n: tuple(t.shape) for n, t in out.items()} == expected
+    state = drafter.state_dict()
+    for name, t in out.items():
+        assert torch.equal(t, state[name.replace("layers.0.", "midlayer.")]), name
+    assert config["architectures"] == [arch] and config["model_type"] == "llama"
+    assert {k: config[k] for k in ("num_hidden_layers", "vocab_size", "hidden_size", "tie_word_embeddings")} == {
+        "num_hidden_layers": 1, "vocab_size": V, "hidden_size": H, "tie_word_embeddings": False}
+    assert config["rope_theta"] == 50000.0 and "draft_vocab_size" not in config
+    assert config["bias"] is (fmt == "sglang")  # fc's bias, as SafeAILab's EaModel reads it (default true)
+
+
+def test_eagle1_refusals(llama_target, tmp_path):
+    drafter = EagleModel.from_target(llama_target, version=1)
+    torch.nn.init.ones_(drafter.fc.bias)
+    folder = saved(drafter, tmp_path / "drafter")
+    with pytest.raises(ExportRefused, match="fc.bias is not zero.*--format sglang"):
+        export(folder, "vllm", tmp_path / "out")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["midlayer.input_layernorm.weight"] = torch.ones(H)  # a layer EAGLE-1 does not have
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ExportRefused, match="input_layernorm.weight has no place"):
+        export(folder, "sglang", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

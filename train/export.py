@@ -124,12 +124,12 @@ def check_drafter(d: Drafter) -> None:
     """Refuse anything that is not a well-formed draftsmith EAGLE-3 drafter (independent of the engine)."""
     where = d.folder / "config.json"
     if d.config.get("model_type") != "draftsmith_eagle":
-        raise ExportRefused(f"{where}: model_type {d.config.get('model_type')!r}, expected 'draftsmith_eagle'; only "
-                            f"EAGLE drafters are exported (Medusa heads and draft LMs have no engine layout here)")
+        raise ExportRefused(f"{where}: model_type {d.config.get('model_type')!r}, expected 'draftsmith_eagle' or "
+                            f"'draftsmith_medusa'. A draft LM is a causal LM checkpoint already: give its folder to "
+                            f"the engine as the draft model")
     if d.config.get("eagle_version") != 3:
-        raise ExportRefused(f"{where}: eagle_version {d.config.get('eagle_version')!r}; the engines' EAGLE-3 loaders "
-                            f"need an EAGLE-3 drafter (fused features, own draft-vocabulary head). EAGLE-1 regresses "
-                            f"the target's features for its LM head and has no such layout: train with eagle_version 3")
+        raise ExportRefused(f"{where}: eagle_version {d.config.get('eagle_version')!r}; draftsmith exports EAGLE-1 "
+                            f"and EAGLE-3 drafters")
     missing = [f"target_config.{k}" for k in TARGET_KEYS if k not in (d.config.get("target_config") or {})]
     missing += [] if d.config.get("feature_layers") else ["feature_layers"]
     if missing:
@@ -220,13 +220,13 @@ def check_biases(d: Drafter, fmt: str) -> None:
         return
     if fmt == "sglang":
         raise ExportRefused(f"{d.folder}: the drafter has biases {attn + mlp} (a {d.target['model_type']!r} layer); "
-                            f"SGLang's LlamaForCausalLMEagle3 builds qkv_proj and its MLP without bias and would drop "
+                            f"SGLang's EAGLE Llama layers build qkv_proj and the MLP without bias and would drop "
                             f"them silently. Export with --format vllm if all of q/k/v/o carry one, or train a "
                             f"bias-free drafter")
     for group, present in ((ATTN_BIASES, attn), (MLP_BIASES, mlp)):
         if present and len(present) != len(group):
             raise ExportRefused(f"{d.folder}: biases on {[n.split('.')[-2] for n in present]} only (a "
-                                f"{d.target['model_type']!r} layer); vLLM's Eagle3 Llama layer switches the biases "
+                                f"{d.target['model_type']!r} layer); vLLM's Llama layer switches the biases "
                                 f"of {[n.split('.')[-2] for n in group]} together (attention_bias / mlp_bias), so "
                                 f"this layer is not expressible. Train a bias-free drafter")
 
@@ -312,26 +312,24 @@ def engine_fc(d: Drafter) -> torch.Tensor:
     return torch.cat([blocks[k] for k in sorted(range(len(layers)), key=layers.__getitem__)], dim=1)
 
 
-def target_embedding(d: Drafter, source: str | None) -> torch.Tensor:
-    """The target's input embedding [V, H], read from `source` (default: the target the drafter was trained on):
-    speculators and vLLM load the vLLM layout's embed_tokens from the checkpoint (speculators leaves it zero when
-    it is absent)."""
+def target_weight(d: Drafter, source: str | None, shape: tuple[int, int], output: bool = False) -> torch.Tensor:
+    """The target's input embedding (or, output=True, its LM head) [V, H], read from `source` (default: the target
+    the drafter was trained on): layouts whose loaders read from the checkpoint what the drafter borrows."""
     from target.model import load_target
 
-    name = source or d.config.get("target_name_or_path")
+    name, what = source or d.config.get("target_name_or_path"), "LM head" if output else "embedding"
     if not name:
         raise ExportRefused(f"{d.folder / 'config.json'} names no target: give --target PATH (the target's checkpoint "
-                            f"folder, to read its embedding from), or --no-embedding")
+                            f"folder, to read its {what} from)" + ("" if output else ", or --no-embedding"))
     try:
         model, _ = load_target(name)
     except (OSError, ValueError) as err:
-        raise ExportRefused(f"cannot read the embedding of target {name!r} ({str(err).splitlines()[0]}): give "
-                            f"--target with a local checkpoint folder, or --no-embedding") from err
-    weight = model.get_input_embeddings().weight.detach()
-    want = (d.target["vocab_size"], d.target["hidden_size"])
-    if tuple(weight.shape) != want:
-        raise ExportRefused(f"target {name!r} has an embedding of shape {list(weight.shape)}; the drafter was trained "
-                            f"on one of {list(want)}: give --target the target it was trained on")
+        raise ExportRefused(f"cannot read the {what} of target {name!r} ({str(err).splitlines()[0]}): give --target "
+                            f"with a local checkpoint folder" + ("" if output else ", or --no-embedding")) from err
+    weight = (model.get_output_embeddings() if output else model.get_input_embeddings()).weight.detach()
+    if tuple(weight.shape) != tuple(shape):
+        raise ExportRefused(f"target {name!r} has an {what} of shape {list(weight.shape)}; the drafter was trained "
+                            f"on one of {list(shape)}: give --target the target it was trained on")
     return weight.contiguous()
 
 
@@ -376,10 +374,15 @@ def export(drafter_dir: str | Path, fmt: str, output: str | Path, verifier: str 
     if speculative_tokens < 1:
         raise ExportRefused(f"--speculative-tokens {speculative_tokens}: give at least 1")
     d = read_drafter(drafter_dir)
+    if d.config.get("model_type") == "draftsmith_medusa" or d.config.get("eagle_version") == 1:
+        from train.export_heads import head_layout  # Medusa and EAGLE-1: built on this module's helpers
+
+        return write_layout(head_layout(d, fmt, target or verifier), d, Path(output), dtype, force)
     check_drafter(d)
     check_engine(d, fmt)
     verifier_name = resolve_verifier(d, verifier) if fmt == "vllm" else None
-    extra = {"embed_tokens.weight": target_embedding(d, target or verifier)} if fmt == "vllm" and embedding else {}
+    shape = (d.target["vocab_size"], d.target["hidden_size"])
+    extra = {"embed_tokens.weight": target_weight(d, target or verifier, shape)} if fmt == "vllm" and embedding else {}
     tensors = {output_name(n, fmt): t.to(DTYPES[dtype]) if dtype and t.is_floating_point() else t
                for n, t in {**d.tensors, "fc.weight": engine_fc(d), **extra}.items()}
     weight_dtype = str(tensors["fc.weight"].dtype).removeprefix("torch.")
@@ -390,6 +393,30 @@ def export(drafter_dir: str | Path, fmt: str, output: str | Path, verifier: str 
     save_file({n: t.contiguous() for n, t in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return build_report(d, fmt, out, tensors, config, verifier)
+
+
+@dataclass
+class Layout:
+    """An engine layout of a drafter: output name -> (draftsmith name or origin, tensor, note), its config.json."""
+
+    format: str
+    tensors: dict[str, tuple[str, torch.Tensor, str]]
+    config: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def write_layout(layout: Layout, d: Drafter, out: Path, dtype: str | None, force: bool) -> ExportReport:
+    """Cast (floating tensors only), write config.json and model.safetensors, and report the mapping."""
+    cast = {n: t.to(DTYPES[dtype]) if dtype and t.is_floating_point() else t for n, (_, t, _) in layout.tensors.items()}
+    weight_dtype = next(str(t.dtype).removeprefix("torch.") for t in cast.values() if t.is_floating_point())
+    config = {**layout.config, "torch_dtype": weight_dtype, "dtype": weight_dtype}
+    prepare_output(out, d.folder, force)
+    save_file({n: t.contiguous() for n, t in cast.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    report = ExportReport(layout.format, out, notes=list(layout.notes))
+    report.rows = [TensorRow(src, name, tuple(cast[name].shape), str(cast[name].dtype).removeprefix("torch."), note)
+                   for name, (src, _, note) in layout.tensors.items()]
+    return report
 
 
 def build_report(d: Drafter, fmt: str, out: Path, tensors: dict[str, torch.Tensor], config: dict,
@@ -426,8 +453,10 @@ def build_report(d: Drafter, fmt: str, out: Path, tensors: dict[str, torch.Tenso
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--drafter", required=True, help="an EAGLE-3 drafter folder saved by draftsmith")
-    p.add_argument("--format", required=True, choices=FORMATS, help="sglang: native EAGLE-3; vllm: speculators")
+    p.add_argument("--drafter", required=True, help="a drafter folder saved by draftsmith (EAGLE-3, EAGLE-1, Medusa)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="sglang: EAGLE-3 native, EAGLE-1 LlamaForCausalLMEagle; vllm: EAGLE-3 speculators, EAGLE-1, "
+                        "Medusa")
     p.add_argument("--output", required=True, help="a new (or empty) folder")
     p.add_argument("--verifier", help="vllm: the target's Hub id or path (default: the drafter's target)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating tensors (default: keep them as saved)")
@@ -435,8 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="write into a non-empty --output")
     p.add_argument("--no-embedding", dest="embedding", action="store_false",
                    help="vllm: leave the target's embed_tokens out (for an engine that shares the target's)")
-    p.add_argument("--target", help="vllm: the target checkpoint (folder or embedded name) to read embed_tokens "
-                                    "from (default: --verifier, else the drafter's target)")
+    p.add_argument("--target", help="the target checkpoint (folder or embedded name) to read what the layout "
+                                    "carries of it (vllm EAGLE-3: embed_tokens; Medusa heads sharing the target's "
+                                    "LM head: that head) (default: --verifier, else the drafter's target)")
     args = p.parse_args(argv)
     try:
         report = export(args.drafter, args.format, args.output, args.verifier, args.dtype, args.force,

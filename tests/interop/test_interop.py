@@ -159,7 +159,7 @@ def test_eagle_reference_loads_the_native_layout_matches_and_decodes_losslessly(
     save_file({"ids": ids.clone(), "features": features[:, :n].contiguous(), "tokens": ids[:, 1:].contiguous(),
                "prompt": ids[:, :8].clone(),
                "new_tokens": torch.tensor([new_tokens])}, tmp_path / "inputs.safetensors")
-    run_reference("eagle", "ref_eagle.py", tmp_path / "export", target_dir, tmp_path / "inputs.safetensors",
+    run_reference("eagle", "ref_eagle.py", 3, tmp_path / "export", target_dir, tmp_path / "inputs.safetensors",
                   tmp_path / "out.safetensors", extra_env={"DRAFTSMITH_EAGLE_REPO": repo})
     meta = reference_meta(tmp_path / "out.safetensors")
     assert json.loads(meta["keys"]) == {"missing": ["embed_tokens.weight"], "unexpected": []}
@@ -170,6 +170,50 @@ def test_eagle_reference_loads_the_native_layout_matches_and_decodes_losslessly(
     print(f"EAGLE reference, native layout: max |delta feature| {feature_delta:.1e}, |delta logit| {delta:.1e}, "
           f"eagenerate tau {float(meta['tau']):.2f}")
     assert delta <= TOLERANCE, f"first draft step: max |delta logit| {delta:.2e}"
+    greedy = plain_generate(target, ids[0, :8], new_tokens, set()).tokens
+    generated = out["generated"].tolist()
+    assert len(generated) >= new_tokens and generated[:new_tokens] == greedy, f"tau {meta['tau']}"
+
+
+@pytest.fixture(scope="module")
+def eagle1(target, tmp_path_factory):
+    """An EAGLE-1 drafter saved by draftsmith; fc.bias zero, so that vLLM's layout (no fc bias) can express it."""
+    torch.manual_seed(5)
+    drafter = perturbed(EagleModel.from_target(target, version=1))
+    torch.nn.init.zeros_(drafter.fc.bias)
+    folder = tmp_path_factory.mktemp("eagle1") / "drafter"
+    drafter.save_pretrained(folder)
+    return drafter.eval(), folder
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm"])
+def test_eagle_reference_loads_eagle1_exports_matches_and_decodes_losslessly(eagle1, target, target_dir, tmp_path,
+                                                                             fmt):
+    """SafeAILab's EAGLE-1 code (cnets1.Model, EaModel with use_eagle3=False), whose layout both engines' EAGLE-1
+    loaders follow: nothing missing but the embedding, the same logits through the target's head, lossless."""
+    from inference.speculative import plain_generate
+
+    repo = eagle_repo()
+    drafter, folder = eagle1
+    export(folder, fmt, tmp_path / "export")
+    ids, new_tokens = prompt_ids(), 40
+    hidden = target_forward(target, ids).hidden_states                                         # [1, T, H]
+    n = ids.shape[1] - 1
+    mask = causal_mask(n, torch.float32, ids.device)
+    with torch.no_grad():
+        expected = drafter.logits(drafter(ids[:, 1:], hidden[:, :n], torch.arange(n)[None], mask))[0]  # [n, V]
+    save_file({"ids": ids.clone(), "features": hidden[:, :n].contiguous(), "tokens": ids[:, 1:].contiguous(),
+               "prompt": ids[:, :8].clone(), "new_tokens": torch.tensor([new_tokens])}, tmp_path / "inputs.safetensors")
+    run_reference("eagle", "ref_eagle.py", 1, tmp_path / "export", target_dir, tmp_path / "inputs.safetensors",
+                  tmp_path / "out.safetensors", extra_env={"DRAFTSMITH_EAGLE_REPO": repo})
+    meta = reference_meta(tmp_path / "out.safetensors")
+    assert json.loads(meta["keys"]) == {"missing": ["embed_tokens.weight"], "unexpected": []}
+    out = load_file(tmp_path / "out.safetensors")
+    feature_delta = (out["features"] - hidden[0]).abs().max().item()
+    delta = (out["logits"] - expected).abs().max().item()
+    print(f"EAGLE reference, EAGLE-1 {fmt} layout: max |delta feature| {feature_delta:.1e}, |delta logit| "
+          f"{delta:.1e}, eagenerate tau {float(meta['tau']):.2f}")
+    assert feature_delta <= TOLERANCE and delta <= TOLERANCE, f"features {feature_delta:.2e}, logits {delta:.2e}"
     greedy = plain_generate(target, ids[0, :8], new_tokens, set()).tokens
     generated = out["generated"].tolist()
     assert len(generated) >= new_tokens and generated[:new_tokens] == greedy, f"tau {meta['tau']}"
