@@ -101,7 +101,7 @@ def test_base_model_is_the_recorded_target_id(trained, tmp_path, recorded, base_
     folder = tmp_path / "drafter"
     shutil.copytree(out / "drafter", folder)
     config = AutoConfig.from_pretrained(folder)
-    config.target_name_or_path = recorded
+    config.draftsmith = {**config.draftsmith, "target_name_or_path": recorded}  # the provenance record
     config.save_pretrained(folder)
     card = push.model_card(str(folder), "someone/x", report=None)
     meta = yaml.safe_load(card.split("---\n", 2)[1])
