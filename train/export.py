@@ -272,23 +272,22 @@ def llama_fields(d: Drafter) -> dict:
     return fields | {k: t[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if t.get(k) is not None}
 
 
-def sglang_config(d: Drafter, dtype: str) -> dict:
+def sglang_config(d: Drafter) -> dict:
     return {
         "architectures": ["LlamaForCausalLMEagle3"], **llama_fields(d), "draft_vocab_size": d.draft_vocab_size,
         "norm_before_residual": False,  # vLLM reads it (default false here); SGLang's layer is always so
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": d.engine_layers, "use_aux_hidden_state": True},
         # vLLM loads this layout too but reads the top-level key, in its own (input of layer i) convention.
         "eagle_aux_hidden_state_layer_ids": [i + 1 for i in d.engine_layers],
-        "torch_dtype": dtype, "dtype": dtype,
     }
 
 
-def vllm_config(d: Drafter, dtype: str, verifier: str, speculative_tokens: int) -> dict:
+def vllm_config(d: Drafter, verifier: str, speculative_tokens: int) -> dict:
     greedy = {"proposal_type": "greedy", "speculative_tokens": speculative_tokens, "verifier_accept_k": 1,
               "accept_tolerance": 0.0}
     return {
         "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
-        "transformer_layer_config": llama_fields(d) | {"torch_dtype": dtype, "dtype": dtype},
+        "transformer_layer_config": llama_fields(d),
         "draft_vocab_size": d.draft_vocab_size,
         # drafters/eagle.py adds the residual before hidden_norm (as EAGLE-3 does); vLLM assumes true when absent
         "norm_before_residual": False,
@@ -297,7 +296,6 @@ def vllm_config(d: Drafter, dtype: str, verifier: str, speculative_tokens: int) 
             "algorithm": "eagle3", "proposal_methods": [greedy], "default_proposal_method": "greedy",
             "verifier": {"name_or_path": verifier, "architectures": list(d.target.get("architectures") or [])},
         },
-        "torch_dtype": dtype, "dtype": dtype,
     }
 
 
@@ -365,8 +363,8 @@ def export(drafter_dir: str | Path, fmt: str, output: str | Path, verifier: str 
            target: str | None = None) -> ExportReport:
     """Write `output`/{config.json, model.safetensors} in the layout of `fmt` ('sglang' or 'vllm') and return the
     mapping. dtype ('float32', 'float16', 'bfloat16') casts floating tensors; d2t stays int64, t2d bool.
-    embedding (vllm): write the target's embed_tokens, read from `target` (default: `verifier`, else the
-    drafter's target)."""
+    embedding (vllm, EAGLE-3): write the target's embed_tokens, read from `target` (default: `verifier`, else the
+    drafter's target); `target` also gives Medusa heads that share the target's LM head that head."""
     if fmt not in FORMATS:
         raise ExportRefused(f"--format {fmt!r}: choose one of {FORMATS}")
     if dtype is not None and dtype not in DTYPES:
@@ -377,78 +375,77 @@ def export(drafter_dir: str | Path, fmt: str, output: str | Path, verifier: str 
     if d.config.get("model_type") == "draftsmith_medusa" or d.config.get("eagle_version") == 1:
         from train.export_heads import head_layout  # Medusa and EAGLE-1: built on this module's helpers
 
-        return write_layout(head_layout(d, fmt, target or verifier), d, Path(output), dtype, force)
-    check_drafter(d)
-    check_engine(d, fmt)
-    verifier_name = resolve_verifier(d, verifier) if fmt == "vllm" else None
-    shape = (d.target["vocab_size"], d.target["hidden_size"])
-    extra = {"embed_tokens.weight": target_weight(d, target or verifier, shape)} if fmt == "vllm" and embedding else {}
-    tensors = {output_name(n, fmt): t.to(DTYPES[dtype]) if dtype and t.is_floating_point() else t
-               for n, t in {**d.tensors, "fc.weight": engine_fc(d), **extra}.items()}
-    weight_dtype = str(tensors["fc.weight"].dtype).removeprefix("torch.")
-    config = (sglang_config(d, weight_dtype) if fmt == "sglang"
-              else vllm_config(d, weight_dtype, verifier_name, speculative_tokens))
-    out = Path(output)
-    prepare_output(out, d.folder, force)
-    save_file({n: t.contiguous() for n, t in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return build_report(d, fmt, out, tensors, config, verifier)
+        layout = head_layout(d, fmt, target or verifier)
+    else:
+        layout = eagle3_layout(d, fmt, verifier, speculative_tokens, embedding, target)
+    return write_layout(layout, d, Path(output), dtype, force)
 
 
 @dataclass
 class Layout:
-    """An engine layout of a drafter: output name -> (draftsmith name or origin, tensor, note), its config.json."""
+    """An engine layout of a drafter: output name -> (draftsmith name or origin, tensor, note), its config.json
+    (the dtype keys are added on writing), what to tell the user."""
 
     format: str
     tensors: dict[str, tuple[str, torch.Tensor, str]]
     config: dict
     notes: list[str] = field(default_factory=list)
+    layer_ids: dict[str, list[int]] = field(default_factory=dict)
+
+
+def eagle3_layout(d: Drafter, fmt: str, verifier: str | None, speculative_tokens: int, embedding: bool,
+                  target: str | None) -> Layout:
+    check_drafter(d)
+    check_engine(d, fmt)
+    notes = dict(IGNORED_BY_LOADERS)
+    if d.feature_layers != d.engine_layers:
+        notes["fc.weight"] = f"column blocks reordered from layers {d.feature_layers} to {d.engine_layers}"
+    tensors = {output_name(n, fmt): (n, t, notes.get(n, ""))
+               for n, t in {**d.tensors, "fc.weight": engine_fc(d)}.items()}
+    layout = Layout(fmt, tensors, {}, layer_ids={"draftsmith feature_layers (layer outputs)": d.feature_layers})
+    if fmt == "sglang":
+        layout.config = sglang_config(d)
+        layout.layer_ids["eagle_config.eagle_aux_hidden_state_layer_ids (SGLang: layer outputs)"] = d.engine_layers
+        if d.engine_layers != default_feature_layers(d.target["num_hidden_layers"]):
+            layout.notes.append("SafeAILab's EaModel ignores these ids and fuses EAGLE-3's default layers: serve "
+                                "this drafter with SGLang or vLLM, which read them")
+        if verifier:
+            layout.notes.append("--verifier is not recorded in this layout: SGLang takes the target from --model-path")
+    else:
+        layout.config = vllm_config(d, resolve_verifier(d, verifier), speculative_tokens)
+        layout.notes.append(f"verifier: {layout.config['speculators_config']['verifier']['name_or_path']}")
+        if embedding:
+            shape = (d.target["vocab_size"], d.target["hidden_size"])
+            tensors["embed_tokens.weight"] = ("(target) embed_tokens", target_weight(d, target or verifier, shape),
+                                              "the target's, frozen")
+    layout.layer_ids["eagle_aux_hidden_state_layer_ids (vLLM: layer inputs)"] = \
+        layout.config["eagle_aux_hidden_state_layer_ids"]
+    if "embed_tokens.weight" not in tensors:
+        layout.notes.append("no embed_tokens: the engine must share the target's embedding with the drafter"
+                            + (" (speculators leaves it zero)" if fmt == "vllm" else ""))
+    return layout
 
 
 def write_layout(layout: Layout, d: Drafter, out: Path, dtype: str | None, force: bool) -> ExportReport:
     """Cast (floating tensors only), write config.json and model.safetensors, and report the mapping."""
     cast = {n: t.to(DTYPES[dtype]) if dtype and t.is_floating_point() else t for n, (_, t, _) in layout.tensors.items()}
     weight_dtype = next(str(t.dtype).removeprefix("torch.") for t in cast.values() if t.is_floating_point())
-    config = {**layout.config, "torch_dtype": weight_dtype, "dtype": weight_dtype}
+    config = with_dtype(layout.config, weight_dtype)
     prepare_output(out, d.folder, force)
     save_file({n: t.contiguous() for n, t in cast.items()}, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    report = ExportReport(layout.format, out, notes=list(layout.notes))
+    report = ExportReport(layout.format, out, notes=list(layout.notes), layer_ids=dict(layout.layer_ids))
     report.rows = [TensorRow(src, name, tuple(cast[name].shape), str(cast[name].dtype).removeprefix("torch."), note)
                    for name, (src, _, note) in layout.tensors.items()]
     return report
 
 
-def build_report(d: Drafter, fmt: str, out: Path, tensors: dict[str, torch.Tensor], config: dict,
-                 verifier: str | None) -> ExportReport:
-    report = ExportReport(fmt, out)
-    notes = dict(IGNORED_BY_LOADERS)
-    if d.feature_layers != d.engine_layers:
-        notes["fc.weight"] = f"column blocks reordered from layers {d.feature_layers} to {d.engine_layers}"
-    for name in d.tensors:
-        t = tensors[output_name(name, fmt)]
-        report.rows.append(TensorRow(name, output_name(name, fmt), tuple(t.shape),
-                                     str(t.dtype).removeprefix("torch."), notes.get(name, "")))
-    if "embed_tokens.weight" in tensors:
-        t = tensors["embed_tokens.weight"]
-        report.rows.append(TensorRow("(target) embed_tokens", "embed_tokens.weight", tuple(t.shape),
-                                     str(t.dtype).removeprefix("torch."), "the target's, frozen"))
-    report.layer_ids["draftsmith feature_layers (layer outputs)"] = d.feature_layers
-    if fmt == "sglang":
-        report.layer_ids["eagle_config.eagle_aux_hidden_state_layer_ids (SGLang: layer outputs)"] = d.engine_layers
-        if d.engine_layers != default_feature_layers(d.target["num_hidden_layers"]):
-            report.notes.append("SafeAILab's EaModel ignores these ids and fuses EAGLE-3's default layers: serve "
-                                "this drafter with SGLang or vLLM, which read them")
-        if verifier:
-            report.notes.append("--verifier is not recorded in this layout: SGLang takes the target from --model-path")
-    else:
-        report.notes.append(f"verifier: {config['speculators_config']['verifier']['name_or_path']}")
-    vllm_ids = config["eagle_aux_hidden_state_layer_ids"]
-    report.layer_ids["eagle_aux_hidden_state_layer_ids (vLLM: layer inputs)"] = vllm_ids
-    if "embed_tokens.weight" not in tensors:
-        report.notes.append("no embed_tokens: the engine must share the target's embedding with the drafter"
-                            + (" (speculators leaves it zero)" if fmt == "vllm" else ""))
-    return report
+def with_dtype(config: dict, dtype: str) -> dict:
+    """config.json with the weights' dtype (both spellings), also in speculators' transformer_layer_config."""
+    config = {**config, "torch_dtype": dtype, "dtype": dtype}
+    if "transformer_layer_config" in config:
+        config["transformer_layer_config"] |= {"torch_dtype": dtype, "dtype": dtype}
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:
