@@ -89,13 +89,18 @@ def versions() -> dict:
 
 
 def _commit() -> str | None:
-    """The draftsmith commit that ran (with -dirty for uncommitted changes); None outside a git checkout."""
+    """The draftsmith commit that ran (-dirty: with uncommitted changes); None outside its own git checkout (a copy
+    of the files inside another repository must not report that repository's commit)."""
+    root = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=10)
+        top = _git(root, "rev-parse", "--show-toplevel")
+        return _git(root, "describe", "--always", "--dirty", "--abbrev=12") if top and Path(top) == root else None
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd, timeout=10).stdout.strip()
 
 
 def markdown(results: dict) -> str:

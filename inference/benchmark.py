@@ -247,16 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "transformers' assisted generation with each draft-LM drafter")
     p.add_argument("--output", required=True, help="folder for results.json, results.md, the plots and answers.jsonl")
     p.add_argument("--dtype", default="float32", help="the target's dtype (float32, bfloat16, float16)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (target and drafters)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_config_flags(p, exclude=NOT_FLAGS)
     return p
+
+
+def check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device; give cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
 
 
 def arguments_record(args: argparse.Namespace, drafters: dict, config: EvalConfig, questions) -> dict:
     """What a resumed run must share with the run it continues (the questions by content)."""
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(q) for q in questions]).encode()).hexdigest()
     return {"target": args.target, "drafters": drafters, "baselines": sorted(set(args.baselines)),
-            "dtype": args.dtype, "questions_sha256": digest,
+            "dtype": args.dtype, "device": args.device, "questions_sha256": digest,
             **{k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_FLAGS}}
 
 
@@ -267,6 +277,7 @@ def main(argv: list[str] | None = None, on_answer: Callable | None = None) -> di
     try:
         config = config_from_args(args)
         to_torch_dtype(args.dtype)
+        check_device(args.device)
         drafters = parse_drafters(args.drafters, args.target)
         kinds = [saved_kind(path) for path in drafters.values()]
         if None not in kinds:  # every kind known before loading: check the options now
@@ -277,8 +288,9 @@ def main(argv: list[str] | None = None, on_answer: Callable | None = None) -> di
         log = RawLog(output / RAW_LOG, arguments_record(args, drafters, config, questions))
     except (ConfigError, ValueError, OSError) as err:
         p.error(flag_message(err))
-    target, tokenizer = load_target(args.target, dtype=args.dtype)
-    loaded = {name: (path, load_drafter(path, target).to(target.dtype)) for name, path in drafters.items()}
+    target, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device)
+    loaded = {name: (path, load_drafter(path, target).to(device=target.device, dtype=target.dtype))
+              for name, path in drafters.items()}
     try:
         check_options(config, {kind_of(d) for _, d in loaded.values()}, args.baselines)
     except ConfigError as err:
