@@ -11,11 +11,11 @@ tables) and PNG plots (tau and speedup per category; acceptance per draft depth;
 Each question is appended to bench/answers.jsonl as it finishes: the same command run again skips the questions
 already there (and refuses if its arguments differ), so an interrupted benchmark keeps what it measured.
 
-A drafter is a folder saved by draftsmith, a Hub id, or a zoo name (zoo/<target>/<name> in this repository);
-NAME=DRAFTER names its rows. The drafter options are inference.evaluate's (EvalConfig's fields); each applies to
-the drafter kinds that take it (e.g. --draft-k to draft LMs), and one that no drafter given takes is refused.
-hf-assisted runs once per draft-LM drafter; hf-lookup copies like draftsmith's --prompt-lookup (n-gram
---prompt-lookup, else 3; --prompt-lookup-tokens tokens).
+Drafters are `[NAME=]DRAFTER[@key=value...]`: a folder saved by draftsmith, a Hub id or a zoo name, its rows'
+name, and options of its own (inference.bench_drafters). The run's options are inference.evaluate's (EvalConfig's
+fields); each applies to the drafter kinds that take it (e.g. --draft-k to draft LMs), and one that no drafter
+given takes is refused. hf-assisted runs once per draft-LM drafter; hf-lookup copies like draftsmith's
+--prompt-lookup (n-grams of --prompt-lookup tokens, else 3; --prompt-lookup-tokens tokens).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -40,7 +39,8 @@ from drafters.kinds import get_kind, kind_of
 from target.model import load_target, stop_tokens, to_torch_dtype
 from target.packing import grouped_query_attention, packed_linears
 
-from .bench_log import BenchmarkError, RawLog, turn_record
+from .bench_drafters import DrafterSpec, check_options, parse_drafters
+from .bench_log import RawLog, turn_record
 from .bench_report import build_results, machine, markdown, versions
 from .eval_config import ConfigError, EvalConfig
 from .evaluate import (add_config_flags, answer, config_from_args, flag_message, hf_lookup_settings, prepare_drafter,
@@ -53,9 +53,7 @@ from .speculative import Acceptance, plain_generate, speculative_generate
 
 BASELINES = ("plain", "hf-lookup", "hf-assisted")
 RAW_LOG = "answers.jsonl"
-ZOO = Path(__file__).resolve().parents[1] / "zoo"
 NOT_FLAGS = ("compare_hf", "check_lossless")  # the baselines replace the one; plain decoding always runs (the other)
-LOOKUP_OPTIONS = ("prompt_lookup", "prompt_lookup_tokens")  # also shape the hf-lookup baseline
 
 
 @dataclass
@@ -66,82 +64,55 @@ class Method:
     proposer: object = None
 
 
-def resolve_drafter(name: str, target: str) -> str:
-    """A drafter folder or Hub id as given, or a zoo name: zoo/<target>/<name> (e.g. eagle3 beside the embedded
-    target smollm2-135m-instruct)."""
-    if Path(name).exists():
-        return name
-    zoo = ZOO / target if "/" not in target else None  # the zoo is kept per embedded target name
-    if zoo is not None and (zoo / name).is_dir():
-        return str(zoo / name)
-    if "/" not in name:
-        shipped = sorted(p.name for p in zoo.iterdir()) if zoo is not None and zoo.is_dir() else []
-        raise ValueError(f"drafter {name!r} is neither a folder nor in the zoo for {target} "
-                         f"({', '.join(shipped) or 'none shipped'}); give a drafter folder (<output_dir>/drafter)")
-    return name  # a Hub id: load_drafter says what it tried if it is none
+@dataclass
+class Drafter:
+    spec: DrafterSpec
+    model: object
+    config: EvalConfig  # the options it runs with (DrafterSpec.config)
 
 
-def parse_drafters(specs: list[str], target: str) -> dict[str, str]:
-    """[NAME=]DRAFTER arguments -> name -> drafter; the name defaults to the folder's (its parent's for
-    <output_dir>/drafter)."""
-    drafters = {}
-    for spec in specs:
-        label, sep, name = spec.partition("=")
-        if not sep or not re.fullmatch(r"[\w.-]+", label):
-            label, name = "", spec
-        path = resolve_drafter(name, target)
-        folder = Path(path.rstrip("/"))
-        label = label or (folder.parent.name if folder.name == "drafter" else folder.name)
-        if label in drafters or label in BASELINES or label.startswith("hf-"):
-            raise ValueError(f"--drafters: two methods would be named {label!r}; name them: --drafters NAME=DRAFTER")
-        drafters[label] = path
-    return drafters
-
-
-def check_options(config: EvalConfig, kinds: set[str], baselines: list[str]) -> None:
-    """Each kind-specific option set must apply to some drafter given (or, for lookup options, to hf-lookup)."""
-    for name in config.unused_options(kinds):
-        if name in LOOKUP_OPTIONS and "hf-lookup" in baselines:
-            continue
-        takes = {f.name: f.metadata["kinds"] for f in dataclasses.fields(EvalConfig)}[name]
-        raise ConfigError(f"eval.{name}={getattr(config, name)!r} is for {' and '.join(takes)} drafters, and no "
-                          f"drafter given is one")
-    for kind in kinds:
-        config.for_kind(kind).check_kind(kind)
-
-
-def build_methods(target, drafters: dict, baselines: list[str], config: EvalConfig, eos: set[int],
+def build_methods(target, drafters: list[Drafter], baselines: list[str], config: EvalConfig, eos: set[int],
                   gen: torch.Generator, counter: ForwardCounter, recorded: dict) -> tuple[list[Method], list[str]]:
     """plain, each drafter's loop, then the baselines; `recorded` (a resumed run's setups) pins the calibrated
     trees, so that every question of a benchmark is answered with the same tree."""
     acceptance = Acceptance(temperature=config.temperature, typical=config.typical_acceptance)
     methods = [Method("plain", {"loop": "plain"}, lambda ids, n: plain_generate(target, ids, n, eos, acceptance, gen))]
-    for name, (path, drafter) in drafters.items():
-        kind = kind_of(drafter)
-        options = config.for_kind(kind).proposer_options()
-        pinned = recorded.get(name, {}).get("proposer", {}).get("paths")
+    for d in drafters:
+        options = d.config.proposer_options()
+        pinned = recorded.get(d.spec.name, {}).get("proposer", {}).get("paths")
         if options.get("tree") == "auto" and pinned:
             options["tree"] = json.dumps(pinned)
-        proposer, setup = make_proposer(drafter, target, temperature=config.temperature, generator=gen, **options)
-        setup = {"loop": "draftsmith", "drafter": path, "drafter_kind": kind, "drafter_target": drafter_target(drafter),
-                 "proposer": setup}
-        methods.append(Method(name, recorded.get(name, setup), proposer=proposer, generate=lambda ids, n, p=proposer:
-                              speculative_generate(target, p, ids, n, eos, acceptance, gen)))
+        proposer, setup = make_proposer(d.model, target, temperature=config.temperature, generator=gen, **options)
+        setup = {"loop": "draftsmith", "drafter": d.spec.path, "options": d.spec.options,
+                 "drafter_kind": kind_of(d.model), "drafter_target": drafter_target(d.model), "proposer": setup}
+        methods.append(Method(d.spec.name, recorded.get(d.spec.name, setup), proposer=proposer,
+                              generate=lambda ids, n, p=proposer: speculative_generate(target, p, ids, n, eos,
+                                                                                       acceptance, gen)))
     notes = []
     if "hf-lookup" in baselines:
         settings = hf_lookup_settings(config)
         methods.append(Method("hf-lookup", {"loop": "hf-lookup", "settings": settings}, lambda ids, n:
                               hf_assisted_generate(target, ids, n, eos, config.temperature, counter, **settings)))
     if "hf-assisted" in baselines:
-        drafts = {n: d for n, (_, d) in drafters.items() if kind_of(d) == "draft_lm"}
-        if not drafts:
+        methods += _assisted(target, drafters, config, eos, counter)
+        if not any(kind_of(d.model) == "draft_lm" for d in drafters):
             notes.append("hf-assisted skipped: transformers' assisted generation needs a draft-LM drafter, and none "
                          "was given")
-        for name, draft in drafts.items():
-            setup = {"loop": "hf-assisted", "drafter": drafters[name][0], "settings": hf_assistant_settings(draft)}
-            methods.append(Method(f"hf-assisted({name})", setup, lambda ids, n, d=draft: hf_assisted_generate(
-                target, ids, n, eos, config.temperature, counter, assistant_model=d)))
     return methods, notes
+
+
+def _assisted(target, drafters: list[Drafter], config: EvalConfig, eos: set[int], counter) -> list[Method]:
+    """transformers' assisted generation with each draft LM given (once per folder and draft dtype)."""
+    methods, seen = [], set()
+    for d in drafters:
+        key = (d.spec.path, d.config.draft_dtype)
+        if kind_of(d.model) != "draft_lm" or key in seen:
+            continue
+        seen.add(key)
+        setup = {"loop": "hf-assisted", "drafter": d.spec.path, "settings": hf_assistant_settings(d.model)}
+        methods.append(Method(f"hf-assisted({d.spec.name})", setup, lambda ids, n, m=d.model: hf_assisted_generate(
+            target, ids, n, eos, config.temperature, counter, assistant_model=m)))
+    return methods
 
 
 def run_questions(methods: list[Method], questions, tokenizer, config: EvalConfig, log: RawLog, device,
@@ -179,20 +150,20 @@ def _lookup_counts(proposer) -> dict | None:
     return {"lookup_steps": proposer.lookup_steps, "lookup_accepted": proposer.lookup_accepted}
 
 
-def run_benchmark(target, tokenizer, drafters: dict, baselines: list[str], config: EvalConfig, questions,
+def run_benchmark(target, tokenizer, drafters: list[Drafter], baselines: list[str], config: EvalConfig, questions,
                   log: RawLog, progress: bool = True, on_answer: Callable | None = None) -> dict:
-    """drafters: name -> (path, loaded drafter). Runs what the log lacks and returns the results of all of it.
+    """Run what the log lacks and return the results of all of it.
     On CPU, target and drafters run with prepacked linear layers and grouped-query attention (config.pack), every
     method alike."""
     eos = stop_tokens(target, tokenizer)
     gen = torch.Generator().manual_seed(config.seed)
     counter = ForwardCounter(target)
-    feature_drafters = [d for _, d in drafters.values() if get_kind(kind_of(d)).reads_target_features]
+    feature_drafters = [d.model for d in drafters if get_kind(kind_of(d.model)).reads_target_features]
     try:
         with contextlib.ExitStack() as stack:
             packed = stack.enter_context(packed_linears(target, enabled=config.pack))
-            for _, drafter in drafters.values():
-                packed += stack.enter_context(packed_linears(drafter, enabled=config.pack))
+            for d in drafters:
+                packed += stack.enter_context(packed_linears(d.model, enabled=config.pack))
             grouped = stack.enter_context(grouped_query_attention(target, enabled=config.pack))
             for drafter in feature_drafters:
                 drafter.attach_target(target)  # a drafter borrowing the target's LM head gets the packed one
@@ -240,8 +211,9 @@ def write_outputs(results: dict, folder: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, help="embedded name (smollm2-135m-instruct), path or Hub id")
-    p.add_argument("--drafters", nargs="+", default=[], metavar="[NAME=]DRAFTER",
-                   help="drafter folders, Hub ids or zoo names, each in draftsmith's loop")
+    p.add_argument("--drafters", nargs="+", default=[], metavar="[NAME=]DRAFTER[@key=value]",
+                   help="drafter folders, Hub ids or zoo names, each in draftsmith's loop, optionally named and with "
+                        "drafter options of its own (e.g. lookup=runs/d/drafter@prompt_lookup=3)")
     p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES,
                    help="plain decoding (always run: every speedup is against it), transformers' prompt lookup, "
                         "transformers' assisted generation with each draft-LM drafter")
@@ -262,10 +234,11 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
 
 
-def arguments_record(args: argparse.Namespace, drafters: dict, config: EvalConfig, questions) -> dict:
+def arguments_record(args: argparse.Namespace, drafters: list[DrafterSpec], config: EvalConfig, questions) -> dict:
     """What a resumed run must share with the run it continues (the questions by content)."""
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(q) for q in questions]).encode()).hexdigest()
-    return {"target": args.target, "drafters": drafters, "baselines": sorted(set(args.baselines)),
+    return {"target": args.target, "drafters": {d.name: {"path": d.path, "options": d.options} for d in drafters},
+            "baselines": sorted(set(args.baselines)),
             "dtype": args.dtype, "device": args.device, "questions_sha256": digest,
             **{k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_FLAGS}}
 
@@ -279,9 +252,9 @@ def main(argv: list[str] | None = None, on_answer: Callable | None = None) -> di
         to_torch_dtype(args.dtype)
         check_device(args.device)
         drafters = parse_drafters(args.drafters, args.target)
-        kinds = [saved_kind(path) for path in drafters.values()]
+        kinds = [saved_kind(d.path) for d in drafters]
         if None not in kinds:  # every kind known before loading: check the options now
-            check_options(config, set(kinds), args.baselines)
+            check_options(config, list(zip(drafters, kinds)), args.baselines)
         questions = load_questions(config.questions, per_category=config.per_category, limit=config.limit)
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
@@ -289,13 +262,15 @@ def main(argv: list[str] | None = None, on_answer: Callable | None = None) -> di
     except (ConfigError, ValueError, OSError) as err:
         p.error(flag_message(err))
     target, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device)
-    loaded = {name: (path, load_drafter(path, target).to(device=target.device, dtype=target.dtype))
-              for name, path in drafters.items()}
+    models = [load_drafter(d.path, target).to(device=target.device, dtype=target.dtype) for d in drafters]
     try:
-        check_options(config, {kind_of(d) for _, d in loaded.values()}, args.baselines)
+        check_options(config, [(d, kind_of(m)) for d, m in zip(drafters, models)], args.baselines)
     except ConfigError as err:
         p.error(flag_message(err))
-    loaded = {n: (path, prepare_drafter(d, target, config.for_kind(kind_of(d)))) for n, (path, d) in loaded.items()}
+    loaded = []
+    for spec, model in zip(drafters, models):
+        own = spec.config(config, kind_of(model))
+        loaded.append(Drafter(spec, prepare_drafter(model, target, own), own))
     results = run_benchmark(target, tokenizer, loaded, args.baselines, config, questions, log, args.progress,
                             on_answer)
     results["command"] = shlex.join(["python", "-m", "inference.benchmark", *(sys.argv[1:] if argv is None else argv)])

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from drafters.draft_lm import build_draft_lm
-from inference import benchmark
+from inference import bench_drafters
 from inference.bench_log import BenchmarkError, RawLog
 from inference.benchmark import main
 from target.model import load_target
 from conftest import perturbed_medusa
 from tiny_assets import write_questions, write_tiny_target
 
-ORDER = ["plain", "medusa", "draft", "hf-lookup", "hf-assisted(draft)"]
+ORDER = ["plain", "medusa", "draft", "k1", "hf-lookup", "hf-assisted(draft)"]
 SUMMARY = {"tau", "speedup", "tokens_per_s", "baseline_tokens_per_s", "target_forwards", "new_tokens", "seconds",
            "verify_steps", "accept_length_histogram", "acceptance_by_depth", "alpha"}
 
@@ -35,6 +35,7 @@ def saved(tmp_path_factory):
 
 def command(saved, output, *extra):
     return ["--target", saved["target"], "--drafters", saved["medusa"], f"draft={saved['draft']}",
+            f"k1={saved['draft']}@draft_k=1@adaptive-k=false",
             "--baselines", "plain", "hf-lookup", "hf-assisted", "--questions", saved["questions"],
             "--max-new-tokens", "12", "--tree", "chain", "--no-progress", "--output", str(output), *extra]
 
@@ -84,6 +85,11 @@ def test_results_file_holds_every_figure_and_the_run_is_lossless(straight, saved
     medusa, draft = results["methods"]["medusa"], results["methods"]["draft"]
     assert medusa["drafter_kind"] == "medusa" and medusa["proposer"]["paths"] == [[0], [0, 0], [0, 0, 0]]
     assert draft["overall"]["tau"] > 1.0 and len(draft["overall"]["acceptance_by_depth"]) >= 1
+    k1 = results["methods"]["k1"]  # the same draft with options of its own
+    assert (draft["proposer"]["k"], draft["proposer"]["adaptive"], draft["options"]) == (4, True, {})
+    assert (k1["proposer"]["k"], k1["proposer"]["adaptive"]) == (1, False)
+    assert k1["options"] == {"draft_k": 1, "adaptive_k": False}
+    assert set(k1["overall"]["accept_length_histogram"]) <= {"0", "1"}  # one drafted token a step
     assert results["methods"]["hf-assisted(draft)"]["drafter"] == saved["draft"]
     assert results["methods"]["hf-lookup"]["settings"] == {"prompt_lookup_num_tokens": 8, "max_matching_ngram_size": 3}
     tokens = raw_tokens(straight["output"])
@@ -150,7 +156,11 @@ def test_options_apply_to_the_drafter_kinds_that_take_them(saved, tmp_path, caps
                             "--tree='dynamic' (EAGLE-2 dynamic trees) is for eagle drafters; this drafter is medusa"),
                            (["--drafters", saved["medusa"], f"medusa={saved['draft']}"],
                             "two methods would be named 'medusa'"),
-                           (["--drafters", "eagle3"], "drafter 'eagle3' is neither a folder nor in the zoo for ")):
+                           (["--drafters", "eagle3"], "drafter 'eagle3' is neither a folder nor in the zoo for "),
+                           (["--drafters", f"{saved['medusa']}@draft_k=2"],
+                            "drafter medusa: --draft-k=2 is for draft_lm drafters; this drafter is medusa"),
+                           (["--drafters", f"{saved['draft']}@max_new_tokens=3"],
+                            "'max_new_tokens=3' is not a drafter option key=value")):
         with pytest.raises(SystemExit):
             main(base + extra)
         assert message in capsys.readouterr().err
@@ -159,11 +169,12 @@ def test_options_apply_to_the_drafter_kinds_that_take_them(saved, tmp_path, caps
 
 def test_zoo_names_resolve_to_zoo_folders(tmp_path, monkeypatch):
     (tmp_path / "smollm2-135m-instruct" / "eagle3").mkdir(parents=True)
-    monkeypatch.setattr(benchmark, "ZOO", tmp_path)
-    assert benchmark.parse_drafters(["eagle3"], "smollm2-135m-instruct") == {
-        "eagle3": str(tmp_path / "smollm2-135m-instruct" / "eagle3")}
+    monkeypatch.setattr(bench_drafters, "ZOO", tmp_path)
+    [spec] = bench_drafters.parse_drafters(["eagle3@tree=dynamic"], "smollm2-135m-instruct")
+    assert (spec.name, spec.path) == ("eagle3", str(tmp_path / "smollm2-135m-instruct" / "eagle3"))
+    assert spec.options == {"tree": "dynamic"}
     with pytest.raises(ValueError, match=r"neither a folder nor in the zoo for smollm2-135m-instruct \(eagle3\)"):
-        benchmark.parse_drafters(["medusa"], "smollm2-135m-instruct")
+        bench_drafters.parse_drafters(["medusa"], "smollm2-135m-instruct")
 
 
 def test_hf_assisted_without_a_draft_lm_is_skipped_with_a_note(saved, tmp_path):
