@@ -105,20 +105,14 @@ def _git(cwd: Path, *args: str) -> str:
 
 def markdown(results: dict) -> str:
     """results.md: the setup, one row per method, tau and speedup per category, and the plots."""
-    s, methods = results["setup"], results["methods"]
-    m, v = results["machine"], results["versions"]
+    s, methods, m, v = results["setup"], results["methods"], results["machine"], results["versions"]
     lines = [f"# {s['target']} on {s['questions']}", "",
              f"{s['num_questions']} questions, {s['num_answers']} answers, at most {s['max_new_tokens']} new tokens, "
              f"{s['acceptance']}; every method on the same prompts in one process, interleaved per question.", "",
              f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), {m['device']}"
              + (f", {m['gpu']}" if "gpu" in m else "") + f"; {s['dtype']}. torch {v['torch']}, transformers "
              f"{v['transformers']}, draftsmith {v['draftsmith']}.", "",
-             f"Command: `{results['command']}`", "",
-             "| method | loop | τ | speedup | tokens/s | lossless mismatches |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for name, r in methods.items():
-        o, loss = r["overall"], r["lossless"]
-        lines.append(f"| {name} | {_loop(r)} | {o['tau']:.2f} | {o['speedup']:.2f}x | {o['tokens_per_s']:.1f} | "
-                     + (f"{loss['mismatches']} of {loss['checked']}" if loss else "-") + " |")
+             f"Command: `{results['command']}`", "", *method_table(results)]
     for key, title, fmt in (("tau", "τ per category", "{:.2f}"), ("speedup", "Speedup per category", "{:.2f}x")):
         names = [n for n in methods if n != "plain"]
         lines += ["", f"## {title}", "", "| category | " + " | ".join(names) + " |",
@@ -129,6 +123,16 @@ def markdown(results: dict) -> str:
     lines += [""] + [f"![{title}]({file})" for file, title in results["plots"].items()]
     lines += [""] + [f"Note: {note}" for note in results["notes"]]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def method_table(results: dict) -> list[str]:
+    """One row per method: tau, speedup, tokens/s and lossless mismatches (the README's headline table)."""
+    lines = ["| method | loop | τ | speedup | tokens/s | lossless mismatches |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, r in results["methods"].items():
+        o, loss = r["overall"], r["lossless"]
+        lines.append(f"| {name} | {_loop(r)} | {o['tau']:.2f} | {o['speedup']:.2f}x | {o['tokens_per_s']:.1f} | "
+                     + (f"{loss['mismatches']} of {loss['checked']}" if loss else "-") + " |")
+    return lines
 
 
 def _loop(r: dict) -> str:

@@ -42,7 +42,7 @@ from .hf_baselines import ForwardCounter, hf_assisted_generate, hf_assistant_set
 from .metrics import Tally, answer_repetition
 from .proposer_setup import make_proposer
 from .report import acceptance_name, answer_record, drafter_target, format_table, summaries, write_report
-from .speculative import Acceptance, plain_generate, speculative_generate
+from .speculative import Acceptance, GenerationResult, plain_generate, speculative_generate
 
 
 def answer(generate, tokenizer, turns: list[str], max_new_tokens: int, device=None) -> list[GenerationResult]:
