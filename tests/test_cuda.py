@@ -62,11 +62,12 @@ def test_eagle3_objective_on_cuda_matches_cpu():
 def test_benchmark_runs_on_cuda(tmp_path):
     from drafters.draft_lm import build_draft_lm
     from inference.benchmark import main
-    from tiny_assets import write_tiny_medusa
-
     target_dir = write_tiny_target(tmp_path / "target")
     target, _ = load_target(target_dir)
-    medusa = write_tiny_medusa(target, tmp_path / "medusa")
+    drafter = perturbed_medusa(target)
+    drafter.config.head_topk_accuracy = [[0.5, 0.2, 0.1], [0.3, 0.1, 0.1], [0.2, 0.1, 0.05]]  # for --tree auto
+    drafter.save_pretrained(tmp_path / "medusa")
+    medusa = str(tmp_path / "medusa")
     build_draft_lm(target, 2, [0]).save_pretrained(tmp_path / "draft")
     results = main(["--target", target_dir, "--drafters", medusa, str(tmp_path / "draft"), "--device", "cuda",
                     "--questions", write_questions(tmp_path / "q.jsonl"), "--max-new-tokens", "16",
