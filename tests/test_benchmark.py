@@ -185,3 +185,20 @@ def test_hf_assisted_without_a_draft_lm_is_skipped_with_a_note(saved, tmp_path):
     assert results["notes"] == ["hf-assisted skipped: transformers' assisted generation needs a draft-LM drafter, "
                                 "and none was given"]
     assert "Note: hf-assisted skipped" in (tmp_path / "results.md").read_text()
+
+
+def test_a_model_card_embeds_the_benchmark(straight, saved, tmp_path):
+    import shutil
+
+    from inference.bench_report import method_table
+    from train.push import main as push_main
+
+    shutil.copytree(saved["medusa"], tmp_path / "drafter")
+    push_main(["--drafter", str(tmp_path / "drafter"), "--repo-id", "user/tiny-medusa", "--benchmark",
+               str(straight["output"]), "--dry-run", str(tmp_path / "upload")])
+    card = (tmp_path / "upload" / "README.md").read_text()
+    assert "## Benchmark" in card and "\n".join(method_table(straight["results"])) in card
+    for name in straight["results"]["plots"]:
+        assert f"](benchmark/{name})" in card
+        assert (tmp_path / "upload" / "benchmark" / name).read_bytes() == (straight["output"] / name).read_bytes()
+    assert "of `q.jsonl`" in card and str(saved["root"]) not in card  # a local question file: its name only
