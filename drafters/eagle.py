@@ -91,8 +91,8 @@ def ttt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
 
     Two exact forms (tests/test_eagle.py checks outputs and gradients of both against SDPA over all keys):
     fused (default on CUDA): one SDPA over the (s + 1) n keys with the mask [causal | diagonal x s]; its GPU
-    kernel never materialises the scores: a faster and much smaller training step on an H200 (README, EAGLE
-    training cost).
+    kernel never materialises the scores: a faster and much smaller training step on an H200 (measured
+    when it was introduced; see its commit).
     unfused (default elsewhere): one causal block plus s dot products a query, with materialised scores: on CPU
     the masked form would compute s + 1 blocks of scores (4x, summed over the default 7 steps)."""
     if fused is None:

@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     (oneDNN-packed linear layers, grouped-query attention without KV copies)."""
     import argparse
 
-    from .packing import grouped_query_attention, packed_linears
-    from .target import load_target
+    from target.model import load_target
+    from target.packing import grouped_query_attention, packed_linears
 
     p = argparse.ArgumentParser(description="Time one verify forward of the target for several tree sizes.")
     p.add_argument("--target", required=True, help="embedded name (smollm2-135m-instruct), path or Hub id")

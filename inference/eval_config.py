@@ -111,6 +111,17 @@ class EvalConfig:
         check(self.tree != "dynamic" or kind == "eagle", "eval.tree", self.tree,
               f"(EAGLE-2 dynamic trees) is for eagle drafters; this drafter is {kind}")
 
+    def for_kind(self, kind: str) -> "EvalConfig":
+        """This config as a drafter of `kind` takes it, the options of other kinds at their defaults: the benchmark
+        gives one set of options to drafters of several kinds (see unused_options for the check that goes with it)."""
+        return dataclasses.replace(self, **{f.name: f.default for f in dataclasses.fields(self)
+                                            if f.metadata["kinds"] is not None and kind not in f.metadata["kinds"]})
+
+    def unused_options(self, kinds: set[str]) -> list[str]:
+        """Kind-specific options set away from their defaults that no drafter of `kinds` takes."""
+        return [f.name for f in dataclasses.fields(self) if f.metadata["kinds"] is not None
+                and getattr(self, f.name) != f.default and not kinds & set(f.metadata["kinds"])]
+
     def proposer_options(self) -> dict:
         """The fields that shape the drafter's proposer (inference.proposer_setup.make_proposer's keywords)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in PROPOSER_FIELDS}

@@ -42,7 +42,7 @@ from .hf_baselines import ForwardCounter, hf_assisted_generate, hf_assistant_set
 from .metrics import Tally, answer_repetition
 from .proposer_setup import make_proposer
 from .report import acceptance_name, answer_record, drafter_target, format_table, summaries, write_report
-from .speculative import Acceptance, plain_generate, speculative_generate
+from .speculative import Acceptance, GenerationResult, plain_generate, speculative_generate
 
 
 def answer(generate, tokenizer, turns: list[str], max_new_tokens: int, device=None) -> list[GenerationResult]:
@@ -67,12 +67,7 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     dtype, so decoding stays lossless."""
     kind = kind_of(drafter)
     config.check_kind(kind)
-    if kind == "draft_lm":
-        if isinstance(drafter, PeftModel):  # evaluate merged weights: same outputs, no adapter overhead
-            drafter = copy.deepcopy(drafter).merge_and_unload()
-        check_draft_vocab(drafter.config, target.config)
-        if config.draft_dtype is not None:
-            drafter = copy.deepcopy(drafter).to(to_torch_dtype(config.draft_dtype))
+    drafter = prepare_drafter(drafter, target, config)
     qs = load_questions(config.questions, per_category=config.per_category, limit=config.limit)
     reads_features = get_kind(kind).reads_target_features
     with packed_linears(target, enabled=config.pack) as packed, \
@@ -87,6 +82,20 @@ def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                            grouped_query_attention=grouped,
                            draft_dtype=str(next(drafter.parameters()).dtype).removeprefix("torch."))
     return report
+
+
+def prepare_drafter(drafter, target: PreTrainedModel, config: EvalConfig):
+    """The drafter as evaluation runs it: a LoRA draft LM merged (same outputs, no adapter overhead), its vocabulary
+    checked against the target's, and with config.draft_dtype a copy in that dtype (the caller's drafter is left
+    as it is)."""
+    if kind_of(drafter) != "draft_lm":
+        return drafter
+    if isinstance(drafter, PeftModel):
+        drafter = copy.deepcopy(drafter).merge_and_unload()
+    check_draft_vocab(drafter.config, target.config)
+    if config.draft_dtype is not None:
+        drafter = copy.deepcopy(drafter).to(to_torch_dtype(config.draft_dtype))
+    return drafter
 
 
 def _methods(target, drafter, proposer, config: EvalConfig, eos: set[int], gen: torch.Generator, counter):
@@ -107,9 +116,14 @@ def _methods(target, drafter, proposer, config: EvalConfig, eos: set[int], gen: 
     return methods
 
 
+HF_LOOKUP_NGRAM = 3  # transformers' prompt lookup as a benchmark baseline, when draftsmith's own lookup is off
+
+
 def hf_lookup_settings(config: EvalConfig) -> dict:
-    """transformers' prompt lookup with the same n-gram size and copied tokens as draftsmith's."""
-    return dict(prompt_lookup_num_tokens=config.prompt_lookup_tokens, max_matching_ngram_size=config.prompt_lookup)
+    """transformers' prompt lookup with the same n-gram size and copied tokens as draftsmith's (with draftsmith's
+    lookup off: HF_LOOKUP_NGRAM and config.prompt_lookup_tokens)."""
+    return dict(prompt_lookup_num_tokens=config.prompt_lookup_tokens,
+                max_matching_ngram_size=config.prompt_lookup or HF_LOOKUP_NGRAM)
 
 
 def _evaluate(target, tokenizer, drafter, qs, config: EvalConfig, progress: bool) -> dict:
@@ -178,7 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter", required=True, help="a drafter folder saved by draftsmith (or a Hub id)")
     p.add_argument("--output", help="write the JSON report here")
     p.add_argument("--dtype", default="float32", help="the target's dtype (float32, bfloat16, float16)")
+    add_config_flags(p)
+    return p
+
+
+def add_config_flags(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per EvalConfig field except `exclude` (its help and default; --questions required)."""
     for f in dataclasses.fields(EvalConfig):
+        if f.name in exclude:
+            continue
         meta, flag = f.metadata, f.metadata["flag"] or "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action="store_false" if meta["invert"] else "store_true",
@@ -186,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, dest=f.name, default=f.default, type=_arg_type(f.type), help=meta["help"],
                            required=f.name == "questions")
-    return p
 
 
 def _arg_type(annotation: str):
@@ -197,7 +218,13 @@ def _arg_type(annotation: str):
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    return EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    """The EvalConfig of parsed flags (fields without a flag keep their defaults)."""
+    return EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)})
+
+
+def flag_message(err: Exception) -> str:
+    """A config error in terms of CLI flags: eval.max_new_tokens -> --max-new-tokens."""
+    return re.sub(r"eval\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
 
 
 def saved_kind(drafter: str) -> str | None:
@@ -220,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         if kind is not None:
             config.check_kind(kind)
     except (ConfigError, ValueError) as err:
-        p.error(re.sub(r"eval\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err)))
+        p.error(flag_message(err))
     target, tokenizer = load_target(args.target, dtype=args.dtype)
     drafter = load_drafter(args.drafter, target).to(target.dtype)
     report = evaluate_drafter(target, tokenizer, drafter, config)

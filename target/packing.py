@@ -111,8 +111,8 @@ AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)  # masks are built exac
 @contextlib.contextmanager
 def grouped_query_attention(model: PreTrainedModel, enabled: bool = True):
     """Run a CPU model that uses transformers' SDPA attention with `grouped_sdpa` inside the block; restore after.
-    Off-CPU nothing changes: on an H200 the A/B of the verify forward was launch-bound, no gain could be measured
-    (README). Yields whether the attention was swapped."""
+    Off-CPU nothing changes: on an H200 the A/B of the verify forward was launch-bound, no gain could be measured.
+    Yields whether the attention was swapped."""
     before = model.config._attn_implementation
     swap = enabled and before == "sdpa" and model.device.type == "cpu"
     if swap:

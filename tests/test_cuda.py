@@ -57,3 +57,21 @@ def test_eagle3_objective_on_cuda_matches_cpu():
     assert torch.equal(gpu_stats[:, 2], cpu_stats[:, 2])
     for a, b in zip(gpu_grads, cpu_grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_benchmark_runs_on_cuda(tmp_path):
+    from drafters.draft_lm import build_draft_lm
+    from inference.benchmark import main
+    target_dir = write_tiny_target(tmp_path / "target")
+    target, _ = load_target(target_dir)
+    drafter = perturbed_medusa(target)
+    drafter.config.head_topk_accuracy = [[0.5, 0.2, 0.1], [0.3, 0.1, 0.1], [0.2, 0.1, 0.05]]  # for --tree auto
+    drafter.save_pretrained(tmp_path / "medusa")
+    medusa = str(tmp_path / "medusa")
+    build_draft_lm(target, 2, [0]).save_pretrained(tmp_path / "draft")
+    results = main(["--target", target_dir, "--drafters", medusa, str(tmp_path / "draft"), "--device", "cuda",
+                    "--questions", write_questions(tmp_path / "q.jsonl"), "--max-new-tokens", "16",
+                    "--max-tree-nodes", "8", "--no-progress", "--output", str(tmp_path / "bench")])
+    assert results["machine"]["device"].startswith("cuda") and "gpu" in results["machine"]
+    assert list(results["methods"]) == ["plain", "medusa", "draft", "hf-lookup", "hf-assisted(draft)"]
+    assert all(m["lossless"] == {"checked": 5, "mismatches": 0} for n, m in results["methods"].items() if n != "plain")

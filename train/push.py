@@ -2,6 +2,7 @@
 
     python -m train.push --drafter RUN_DIR/drafter --repo-id USER/NAME [--private] [--eval RUN_DIR/eval.json]
     python -m train.push --drafter RUN_DIR/drafter --repo-id USER/NAME --eval RUN_DIR/eval.json --dry-run OUT
+    python -m train.push --drafter RUN_DIR/drafter --repo-id USER/NAME --benchmark BENCH_DIR      # + its plots
 
 The card (README.md) and a copy of the eval report (eval.json) are written into the drafter folder, which is then
 uploaded as one commit. --dry-run copies that exact folder to OUT instead of uploading it.
@@ -22,6 +23,7 @@ from target.embedded import EMBEDDED_TARGET_SOURCES
 
 CARD = "README.md"
 REPORT = "eval.json"
+BENCHMARK = "benchmark"  # the benchmark's plots in the uploaded folder
 
 
 def base_model_id(target: str | None) -> str | None:
@@ -35,8 +37,17 @@ def base_model_id(target: str | None) -> str | None:
     return None if looks_local else target
 
 
-def model_card(drafter_dir: str, repo_id: str, report: dict | None) -> str:
-    """README.md text: YAML front matter, what the drafter is, how to use it, and its measured acceptance."""
+def public_name(source: str | None) -> str | None:
+    """A data set's name for a public card: an embedded name or Hub id as is, a local file by its name only (never
+    a machine-local path)."""
+    if source and base_model_id(source) is None:
+        return Path(source).name
+    return source
+
+
+def model_card(drafter_dir: str, repo_id: str, report: dict | None, benchmark: dict | None = None) -> str:
+    """README.md text: YAML front matter, what the drafter is, how to use it, its measured acceptance, and with
+    `benchmark` (inference.benchmark's results.json) that run's table and plots."""
     config = AutoConfig.from_pretrained(drafter_dir)
     kind = config.model_type.removeprefix("draftsmith_")
     target = provenance(config)["target_name_or_path"]
@@ -83,7 +94,22 @@ def model_card(drafter_dir: str, repo_id: str, report: dict | None) -> str:
         top1 = ", ".join(f"{row[0]:.3f}" for row in config.head_topk_accuracy)
         lines += [f"Held-out top-1 accuracy per head (against the target's greedy tokens): {top1}.", ""]
     lines += _results(report) if report else ["No evaluation report was given for this upload.", ""]
+    lines += _benchmark(benchmark) if benchmark else []
     return "\n".join(lines)
+
+
+def _benchmark(results: dict) -> list[str]:
+    """The benchmark's methods table and its plots (copied into the folder's benchmark/ by prepare_folder)."""
+    from inference.bench_report import method_table
+
+    s, m = results["setup"], results["machine"]
+    questions = public_name(s["questions"])
+    lines = ["## Benchmark", "",
+             f"`inference.benchmark`: this drafter beside plain decoding and transformers' own loops, in one process "
+             f"on the same prompts ({s['num_questions']} questions of `{questions}`, up to {s['max_new_tokens']} new "
+             f"tokens, {s['acceptance']}; {m['cpu']}, {m['torch_threads']} torch threads, {m['device']}"
+             + (f", {m['gpu']}" if "gpu" in m else "") + ").", "", *method_table(results), ""]
+    return lines + [f"![{title}]({BENCHMARK}/{name})" for name, title in results["plots"].items()] + [""]
 
 
 def _eagle_description(config) -> str:
@@ -102,9 +128,7 @@ def _eagle_description(config) -> str:
 def _results(report: dict) -> list[str]:
     setup = report.get("setup", {})
     lines = ["## Acceptance and speed", ""]
-    questions = setup.get("questions")
-    if questions and base_model_id(questions) is None:
-        questions = Path(questions).name  # a local file: its name only, never a machine-local path
+    questions = public_name(setup.get("questions"))
     what = [f"{setup['num_questions']} questions of `{questions}`" if questions else None,
             f"up to {setup['max_new_tokens']} new tokens per turn" if "max_new_tokens" in setup else None,
             setup.get("acceptance")]
@@ -130,8 +154,10 @@ def _results(report: dict) -> list[str]:
     return lines
 
 
-def prepare_folder(drafter_dir: str, repo_id: str, eval_path: str | None = None) -> Path:
-    """Write README.md (and eval.json, when given) into `drafter_dir`: the folder as it will be uploaded."""
+def prepare_folder(drafter_dir: str, repo_id: str, eval_path: str | None = None,
+                   benchmark_dir: str | None = None) -> Path:
+    """Write README.md (and eval.json, when given; the benchmark's plots into benchmark/, when given) into
+    `drafter_dir`: the folder as it will be uploaded."""
     folder = Path(drafter_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: give the drafter folder a training run saved "
@@ -141,18 +167,24 @@ def prepare_folder(drafter_dir: str, repo_id: str, eval_path: str | None = None)
         report = json.loads(Path(eval_path).read_text())
         if Path(eval_path).resolve() != (folder / REPORT).resolve():
             shutil.copyfile(eval_path, folder / REPORT)
-    (folder / CARD).write_text(model_card(str(folder), repo_id, report))
+    benchmark = None
+    if benchmark_dir is not None:
+        benchmark = json.loads((Path(benchmark_dir) / "results.json").read_text())
+        (folder / BENCHMARK).mkdir(exist_ok=True)
+        for name in benchmark["plots"]:
+            shutil.copyfile(Path(benchmark_dir) / name, folder / BENCHMARK / name)
+    (folder / CARD).write_text(model_card(str(folder), repo_id, report, benchmark))
     return folder
 
 
 def push_drafter(drafter_dir: str, repo_id: str, private: bool = False, eval_path: str | None = None,
-                 dry_run_dir: str | None = None) -> str:
+                 dry_run_dir: str | None = None, benchmark_dir: str | None = None) -> str:
     """Card + upload. Returns the commit URL, or with `dry_run_dir` the folder that would have been uploaded.
 
     Two Hub calls: create_repo(exist_ok=True) makes no commit and is a no-op when the repo exists (upload_folder
     cannot create one), then upload_folder sends every file in one commit.
     """
-    folder = prepare_folder(drafter_dir, repo_id, eval_path)
+    folder = prepare_folder(drafter_dir, repo_id, eval_path, benchmark_dir)
     if dry_run_dir is not None:
         shutil.copytree(folder, dry_run_dir, dirs_exist_ok=True)
         print(f"dry run: the folder that would be uploaded to {repo_id} is in {dry_run_dir}")
@@ -174,8 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--private", action="store_true")
     p.add_argument("--eval", help="eval.json of the run: its table goes into the card")
     p.add_argument("--dry-run", metavar="DIR", help="copy the folder to DIR instead of uploading")
+    p.add_argument("--benchmark", metavar="DIR", help="an inference.benchmark output folder: its table and plots go "
+                                                      "into the card")
     args = p.parse_args(argv)
-    push_drafter(args.drafter, args.repo_id, args.private, args.eval, args.dry_run)
+    if args.benchmark and not (Path(args.benchmark) / "results.json").is_file():
+        p.error(f"--benchmark {args.benchmark}: no results.json there; give the --output folder of "
+                f"python -m inference.benchmark")
+    push_drafter(args.drafter, args.repo_id, args.private, args.eval, args.dry_run, args.benchmark)
 
 
 if __name__ == "__main__":
