@@ -93,8 +93,14 @@ class EagleProposer:
         self.pending_features, self.pending_tokens = hidden_states, input_ids[1:].tolist()
 
     def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        """tokens [n] (root + accepted drafts) entered the target's cache with features [n, F]."""
-        self.pending_features, self.pending_tokens = hidden_states, tokens[1:].tolist()
+        """tokens [n] (root + accepted drafts) entered the target's cache with features [n, F]. When the pairs of
+        an earlier update are still pending (that step was proposed without the drafter: prompt lookup), this
+        step's root completes them and the new pairs follow."""
+        if self.pending_features is None:
+            self.pending_features, self.pending_tokens = hidden_states, tokens[1:].tolist()
+        else:
+            self.pending_features = torch.cat([self.pending_features, hidden_states])     # [n' + n, F]
+            self.pending_tokens += tokens.tolist()
 
     @torch.no_grad()
     def propose(self, root: int) -> TokenTree:

@@ -65,9 +65,9 @@ class EvalConfig:
     draft_dtype: Literal["float32", "bfloat16", "float16"] | None = option(
         None, "draft LMs: run the draft in this dtype (null: the target's), e.g. bfloat16 beside a float32 target",
         DRAFT_LM)
-    prompt_lookup: int = option(0, "draft LMs: where the last N (down to 2) tokens occurred before, propose what "
-                                "followed them (prompt lookup, no draft forward); 0: off", DRAFT_LM)
-    prompt_lookup_tokens: int = option(8, "tokens copied per prompt-lookup proposal", DRAFT_LM)
+    prompt_lookup: int = option(0, "where the last N (down to 2) tokens occurred before, propose what followed them "
+                                "(prompt lookup, no drafter run) and the drafter's proposal elsewhere; 0: off")
+    prompt_lookup_tokens: int = option(8, "tokens copied per prompt-lookup proposal")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

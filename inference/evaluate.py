@@ -39,6 +39,7 @@ from target.packing import grouped_query_attention, packed_linears
 
 from .eval_config import ConfigError, EvalConfig
 from .hf_baselines import ForwardCounter, hf_assisted_generate, hf_assistant_settings
+from .lookup import LookupProposer
 from .metrics import Tally, answer_repetition
 from .proposer_setup import make_proposer
 from .report import acceptance_name, answer_record, drafter_target, format_table, summaries, write_report
@@ -123,9 +124,9 @@ def _evaluate(target, tokenizer, drafter, qs, config: EvalConfig, progress: bool
     max_new_tokens, check_lossless = config.max_new_tokens, config.check_lossless
     for generate in methods.values():  # warm-up, not counted
         answer(generate, tokenizer, ["Hello!"], 8, target.device)
-    copies = getattr(proposer, "lookup", None) is not None  # draftsmith's prompt lookup: count its steps from here
+    copies = isinstance(proposer, LookupProposer)  # draftsmith's prompt lookup: count its steps from here
     if copies:
-        proposer.lookup_steps = proposer.lookup_accepted = 0
+        proposer.steps = proposer.accepted = 0
     tallies = {name: defaultdict(Tally) for name in methods if name != "plain"}
     checked, mismatches, answers = 0, defaultdict(int), []
     for i, q in enumerate(qs):
@@ -157,8 +158,7 @@ def _evaluate(target, tokenizer, drafter, qs, config: EvalConfig, progress: bool
         },
     }
     if copies:
-        report["setup"]["proposer"].update(lookup_steps=proposer.lookup_steps,
-                                           lookup_accepted=proposer.lookup_accepted)
+        report["setup"]["proposer"].update(lookup_steps=proposer.steps, lookup_accepted=proposer.accepted)
     if check_lossless:
         report["lossless"] = {"checked": checked, "mismatches": mismatches["draftsmith"]}
     report["answers"], report["answer_repetition"] = answers, answer_repetition(answers)

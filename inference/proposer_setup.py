@@ -16,7 +16,7 @@ from drafters.vocab import get_draft_vocab
 from .calibrate import NODE_COUNTS, choose_tree, draft_cost_ratio, proposer_seconds, verify_latency
 from .draft_lm_proposer import DraftLMProposer
 from .eagle_proposer import EagleProposer
-from .lookup import PromptLookup
+from .lookup import LookupProposer, PromptLookup
 from .proposers import MedusaProposer
 
 # Used when a drafter carries no measured per-head accuracy (e.g. untrained heads): a deliberately modest guess.
@@ -101,19 +101,15 @@ def _eagle_setup(drafter, target, vocab, o: dict, temperature, generator):
 
 
 def _draft_lm_setup(drafter, target, vocab, o: dict, temperature, generator):
-    """A chain of k tokens (adaptive by default) with siblings / confidence stops; with prompt_lookup, a copy of
-    prompt_lookup_tokens tokens where the last prompt_lookup..2 tokens occurred before, the draft elsewhere."""
-    lookup = PromptLookup(o["prompt_lookup"], 2, o["prompt_lookup_tokens"]) if o["prompt_lookup"] else None
+    """A chain of k tokens (adaptive by default) with siblings / confidence stops."""
     proposer = DraftLMProposer(drafter, k=o["draft_k"], adaptive=o["adaptive_k"], k_max=max(8, o["draft_k"]),
                                temperature=temperature, generator=generator, draft_vocab=vocab,
-                               siblings=o["draft_siblings"], confidence=o["draft_confidence"], lookup=lookup,
+                               siblings=o["draft_siblings"], confidence=o["draft_confidence"],
                                sibling_depth=o["sibling_depth"])
     cost = draft_cost_ratio(target, proposer)
     return proposer, {"k": o["draft_k"], "adaptive": o["adaptive_k"], "k_max": proposer.k_max,
                       "siblings": o["draft_siblings"], "sibling_depth": o["sibling_depth"],
-                      "confidence": o["draft_confidence"], "draft_vocab": len(vocab) if vocab else "full",
-                      "prompt_lookup": lookup and {"max_ngram": lookup.max_ngram, "min_ngram": lookup.min_ngram,
-                                                   "tokens": lookup.num_tokens}, **cost}
+                      "confidence": o["draft_confidence"], "draft_vocab": len(vocab) if vocab else "full", **cost}
 
 
 # drafter kind -> (drafter, target, draft vocabulary or None, options, temperature, generator) -> (proposer, setup)
@@ -125,7 +121,8 @@ def make_proposer(drafter, target: PreTrainedModel, *, temperature: float = 0.0,
                   generator: torch.Generator | None = None, **options):
     """The drafter's proposer and a description of its setup for the report. options: the proposer fields of
     inference.eval_config.EvalConfig (defaults from there); the draft vocabulary is the frequent-token set recorded
-    at training unless full_draft_vocab."""
+    at training unless full_draft_vocab. With prompt_lookup, every kind's proposer gets prompt lookup beside it:
+    a copy of prompt_lookup_tokens tokens where the last prompt_lookup..2 tokens occurred before (LookupProposer)."""
     from .eval_config import EvalConfig
 
     o = {**EvalConfig().proposer_options(), **options}
@@ -133,4 +130,10 @@ def make_proposer(drafter, target: PreTrainedModel, *, temperature: float = 0.0,
     if unknown:
         raise TypeError(f"make_proposer got unknown options {unknown}")
     vocab = None if o["full_draft_vocab"] else get_draft_vocab(drafter.config)
-    return PROPOSER_SETUPS[kind_of(drafter)](drafter, target, vocab, o, temperature, generator)
+    proposer, setup = PROPOSER_SETUPS[kind_of(drafter)](drafter, target, vocab, o, temperature, generator)
+    if o["prompt_lookup"]:
+        lookup = PromptLookup(o["prompt_lookup"], 2, o["prompt_lookup_tokens"])
+        proposer = LookupProposer(proposer, lookup)
+        setup["prompt_lookup"] = {"max_ngram": lookup.max_ngram, "min_ngram": lookup.min_ngram,
+                                  "tokens": lookup.num_tokens}
+    return proposer, setup
