@@ -214,16 +214,15 @@ class Decoding:
         return out.features if self.feature_layers else out.hidden_states
 
 
-def prefill(target: PreTrainedModel, proposer: Proposer, input_ids: torch.Tensor, acceptance: Acceptance,
-            generator: torch.Generator | None) -> Decoding:
-    """The prompt's forward: fills the cache, starts the proposer and chooses the first token."""
+def prefill(target: PreTrainedModel, input_ids: torch.Tensor, feature_layers: list[int] | None,
+            acceptance: Acceptance, generator: torch.Generator | None) -> tuple[Decoding, torch.Tensor]:
+    """The prompt's forward: fills the cache and chooses the first token. Returns the decoding state and what
+    the proposer reads of the prompt ([T, H] hidden states, or [T, F] feature_layers outputs) for its begin()."""
     cache = DynamicCache(config=target.config)
-    layers = getattr(proposer, "feature_layers", None)
-    out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1, feature_layers=layers)
-    seq = Decoding(cache, 0, layers, out.hidden_states.dtype, input_ids.device)
-    proposer.begin(input_ids, seq.features(out)[0])
-    seq.root = int(_choose(out.logits[0], acceptance, generator)[0])
-    return seq
+    out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1, feature_layers=feature_layers)
+    seq = Decoding(cache, int(_choose(out.logits[0], acceptance, generator)[0]), feature_layers,
+                   out.hidden_states.dtype, input_ids.device)
+    return seq, seq.features(out)[0]
 
 
 def verify_step(target: PreTrainedModel, proposer: Proposer, seq: Decoding, acceptance: Acceptance,
@@ -264,7 +263,8 @@ def speculative_generate(target: PreTrainedModel, proposer: Proposer, input_ids:
                          generator: torch.Generator | None = None, clock: StepClock | None = None) -> GenerationResult:
     """Prefill, then verify steps until eos or max_new_tokens. clock: time each step's parts (StepClock)."""
     start = time.perf_counter()
-    seq = prefill(target, proposer, input_ids, acceptance, generator)
+    seq, features = prefill(target, input_ids, getattr(proposer, "feature_layers", None), acceptance, generator)
+    proposer.begin(input_ids, features)
     result = GenerationResult([], forwards=1)
     done = _finish([seq.root], result.tokens, max_new_tokens, eos)
     while not done:

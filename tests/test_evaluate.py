@@ -37,7 +37,8 @@ def saved(tmp_path_factory):
 def test_evaluate_cli_writes_report_and_is_lossless(saved, capsys):
     out = saved["root"] / "eval.json"
     main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
-          "--output", str(out), "--max-new-tokens", "24", "--check-lossless", "--max-tree-nodes", "8"])
+          "--output", str(out), "--max-new-tokens", "24", "--check-lossless", "--max-tree-nodes", "8",
+          "--min-speedup", "0.01"])
     report = json.loads(out.read_text())
     assert report["lossless"] == {"checked": 5, "mismatches": 0}  # 4 questions, one with two turns
     assert set(report["per_category"]) == {"writing", "qa"}
