@@ -19,6 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from drafters.vocab import draft_ids, vocab_head
 
+from .kv_cache import growing_cache
 from .speculative import sample
 from target.model import target_forward
 from .tree import TokenTree
@@ -126,7 +127,7 @@ class DraftLMProposer:
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
         """input_ids [T]: the prompt, queued for a fresh draft cache (the first propose prefills it together with
         the root, in one forward). hidden_states [T, H] (the target's) are not used."""
-        self.cache = DynamicCache(config=self.draft.config)
+        self.cache = growing_cache(self.draft.config)
         self.tail, self.pending = [], input_ids.tolist()
 
     def propose(self, root: int) -> TokenTree:

@@ -22,6 +22,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from target.model import target_forward
+from .kv_cache import GrowingLayer, growing_cache
 from .tree import TokenTree, TreeShape, tree_shape
 
 
@@ -148,7 +149,7 @@ def keep_cache_entries(cache: DynamicCache, prefix_len: int, keep: list[int]) ->
     n = len(keep)
     moved = None if keep == list(range(n)) else torch.tensor(keep, device=cache.layers[0].keys.device)
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, GrowingLayer):
             raise NotImplementedError(f"tree verification compacts full-attention caches only, got {type(layer).__name__} "
                                       "(sliding-window or linear-attention layers); use a chain-only drafter")
         for name in ("keys", "values"):
@@ -218,7 +219,7 @@ def prefill(target: PreTrainedModel, input_ids: torch.Tensor, feature_layers: li
             acceptance: Acceptance, generator: torch.Generator | None) -> tuple[Decoding, torch.Tensor]:
     """The prompt's forward: fills the cache and chooses the first token. Returns the decoding state and what
     the proposer reads of the prompt ([T, H] hidden states, or [T, F] feature_layers outputs) for its begin()."""
-    cache = DynamicCache(config=target.config)
+    cache = growing_cache(target.config)
     out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1, feature_layers=feature_layers)
     seq = Decoding(cache, int(_choose(out.logits[0], acceptance, generator)[0]), feature_layers,
                    out.hidden_states.dtype, input_ids.device)
