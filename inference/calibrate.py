@@ -1,14 +1,20 @@
-"""Size the draft tree for the hardware it runs on.
+"""Size the draft tree for the hardware it runs on, or decide that no tree pays.
 
-A bigger tree accepts more tokens per verify step but makes each target forward slower; on a CPU the forward
-cost grows quickly with the node count (the reference Medusa 64-node tree ran 5x slower than plain decoding on
-SmolLM2 here). We time one verify forward for several node counts on the current device, time the drafter for
-each candidate tree, and keep the tree that maximises expected tokens per second:
+A bigger tree accepts more tokens per verify step but makes each step slower; on a CPU the forward cost grows
+quickly with the node count (the reference Medusa 64-node tree ran 5x slower than plain decoding on SmolLM2 here),
+and the loop's own work per step (the drafter, the tree's mask and positions, reading the logits back, compacting
+the KV cache, bookkeeping) matters more the faster the forward is. So the cost of a candidate tree is measured as a
+whole: real loop steps (speculative.verify_step) with that tree on a context of random tokens, part by part
+(speculative.StepClock), against real plain-decoding steps through the same loop. The tree kept maximises
 
-    speed(n) = (1 + sum of expected acceptances of its n - 1 drafted nodes) / (t_draft(n) + t_verify(n))
+    predicted speedup(n) = expected tau(n) * t_plain_step / t_step(n)
+
+expected tau(n) = 1 + the expected acceptances of its n - 1 drafted nodes (from the drafter's held-out accuracy).
+When no candidate is predicted at least `min_speedup` times faster than plain decoding, decoding stays plain.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .speculative import Proposer
+from .speculative import Acceptance, NoDraft, Proposer, StepClock, prefill, verify_step
 from target.model import target_forward
 from .tree import TokenTree, expected_accept_lengths, grow_tree, tree_attention_mask
 
@@ -74,48 +80,81 @@ def verify_latency(target: PreTrainedModel, node_counts=NODE_COUNTS, context_len
     return {n: _best_seconds(step, repeats) for n, step in star_verify_steps(target, node_counts, context_len).items()}
 
 
+class LoopTimer:
+    """Times real verification-loop steps of any proposer, part by part, on one context_len-token context of
+    random tokens (prefilled once): `warmup` untimed steps (the proposer's own prefill among them), then `steps`
+    timed ones; the cache is cut back to the context after each proposer."""
+
+    def __init__(self, target: PreTrainedModel, feature_layers: list[int] | None = None, context_len: int = 256,
+                 steps: int = 6, warmup: int = 2):
+        vocab = target.config.get_text_config().vocab_size
+        self.ids = torch.randint(vocab, (context_len,), generator=torch.Generator().manual_seed(0)).to(target.device)
+        self.target, self.steps, self.warmup = target, steps, warmup
+        with torch.no_grad():
+            self.seq, self.features = prefill(target, self.ids, feature_layers, Acceptance(), None)
+        self.root = self.seq.root
+
+    @torch.no_grad()
+    def __call__(self, proposer: Proposer) -> dict[str, float]:
+        """Median seconds of each loop part (StepClock.PARTS) and of the whole step ("step") with `proposer`."""
+        self.seq.root = self.root
+        proposer.begin(self.ids, self.features)
+        clock = StepClock()
+        for _ in range(self.warmup + self.steps):
+            verify_step(self.target, proposer, self.seq, Acceptance(), None, clock)
+        self.seq.cache.crop(-(self.seq.cache.get_seq_length() - len(self.ids)))  # transformers 5: count to remove
+        timed = clock.steps[self.warmup:]
+        costs = {part: statistics.median(s[part] for s in timed) for part in StepClock.PARTS}
+        return {**costs, "step": statistics.median(sum(s.values()) for s in timed)}
+
+
+def cost_row(costs: dict[str, float]) -> dict[str, float]:
+    """A step's costs for the report, in ms: the whole step, the verify forward, the drafter, and the loop's own
+    work (tree, accept, cache, other)."""
+    overhead = sum(costs[p] for p in StepClock.PARTS if p not in ("verify", "draft"))
+    return {"step_ms": 1e3 * costs["step"], "verify_ms": 1e3 * costs["verify"], "draft_ms": 1e3 * costs["draft"],
+            "loop_ms": 1e3 * overhead}
+
+
 @dataclass
 class TreeChoice:
-    paths: list[tuple[int, ...]]     # non-root nodes, as per-head rank paths
-    expected_tau: float              # predicted tokens per verify step
-    predicted_speedup: float         # predicted tokens/s over plain decoding
-    table: list[dict]                # every candidate: nodes, expected_tau, seconds per step, predicted speedup
+    paths: list[tuple[int, ...]] | None  # non-root nodes, as per-head rank paths; None: decode plainly
+    expected_tau: float              # predicted tokens per verify step (1 when plain)
+    predicted_speedup: float         # predicted tokens/s over plain decoding (1 when plain)
+    best: dict                       # the best candidate, chosen or not
+    table: list[dict]                # every candidate: nodes, expected_tau, step costs (ms), predicted speedup
+    plain: dict                      # plain decoding's step costs (ms)
 
 
-def choose_tree(accuracy: list[list[float]], latency: dict[int, float], draft_seconds) -> TreeChoice:
-    """accuracy[k][i]: P(rank-i token of head k is right). draft_seconds(paths) -> seconds to propose them."""
-    plain = latency[1]
+def choose_tree(accuracy: list[list[float]], node_counts, step_costs: Callable[[list], dict],
+                min_speedup: float = 1.0) -> TreeChoice:
+    """accuracy[k][i]: P(rank-i token of depth k is right). step_costs(paths) -> seconds per loop part of a step
+    with the tree of those rank paths, or of a plain-decoding step for paths=None (LoopTimer). Keeps the tree
+    of the highest predicted speedup, or none (paths None) when that is below min_speedup."""
+    plain = step_costs(None)
     table = []
-    for n in sorted(latency):
-        if n < 2:
-            continue
+    for n in sorted(n for n in node_counts if n >= 2):
         paths = grow_tree(accuracy, n - 1)
         if len(paths) < n - 1:
             break  # the tree cannot grow further with these heads and ranks
         tau = 1 + sum(expected_accept_lengths(paths, accuracy))
-        step = latency[n] + draft_seconds(paths)
-        table.append({"nodes": n, "expected_tau": tau, "step_seconds": step, "predicted_speedup": tau * plain / step})
+        costs = step_costs(paths)
+        table.append({"nodes": n, "expected_tau": tau, **cost_row(costs),
+                      "predicted_speedup": tau * plain["step"] / costs["step"]})
     if not table:
         raise ValueError("no candidate tree: measure at least one node count >= 2")
     best = max(table, key=lambda row: row["predicted_speedup"])
-    return TreeChoice(grow_tree(accuracy, best["nodes"] - 1), best["expected_tau"], best["predicted_speedup"], table)
+    if best["predicted_speedup"] < min_speedup:
+        return TreeChoice(None, 1.0, 1.0, best, table, cost_row(plain))
+    return TreeChoice(grow_tree(accuracy, best["nodes"] - 1), best["expected_tau"], best["predicted_speedup"], best,
+                      table, cost_row(plain))
 
 
-def proposer_seconds(make_proposer, hidden_size: int, dtype: torch.dtype, device="cpu", repeats: int = 5):
-    """A draft_seconds function for `choose_tree`: times one verify step's drafting (update with one accepted
-    token, then propose) of the proposer built for given paths; hidden_size: the width of its features."""
-    hidden = torch.zeros(1, hidden_size, dtype=dtype, device=device)
-    token = torch.tensor([0], device=device)
-
-    def seconds(paths) -> float:
-        proposer: Proposer = make_proposer(paths)
-        proposer.begin(token, hidden)
-
-        def step():
-            proposer.update(token, hidden)
-            proposer.propose(0)
-        return _best_seconds(step, repeats)
-    return seconds
+def loop_step_costs(target: PreTrainedModel, make_proposer, feature_layers: list[int] | None = None,
+                    context_len: int = 256) -> Callable[[list | None], dict]:
+    """A step_costs function for `choose_tree`: real loop steps with make_proposer(paths), or plain ones."""
+    timer = LoopTimer(target, feature_layers, context_len)
+    return lambda paths: timer(NoDraft() if paths is None else make_proposer(paths))
 
 
 @torch.no_grad()

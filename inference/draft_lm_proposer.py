@@ -7,8 +7,8 @@ The draft keeps its own KV cache over the accepted sequence. Between steps it ho
   pending  accepted tokens not yet in the draft cache (the last draft token when all k were accepted)
 `update` keeps the longest part of `tail` that the target accepted, crops the rest from the cache, and queues
 the accepted tokens the cache lacks; `propose` feeds those together with the new root in one forward pass.
-A step answered by prompt lookup (inference.lookup) runs no draft forward: its tail is empty and everything the
-target accepts is queued.
+A step answered without the draft (prompt lookup, inference.lookup.LookupProposer) leaves the tail empty: everything
+the target accepts is queued.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from drafters.vocab import draft_ids, vocab_head
 
-from .lookup import PromptLookup
+from .kv_cache import growing_cache
 from .speculative import sample
 from target.model import target_forward
 from .tree import TokenTree
@@ -41,10 +41,6 @@ class DraftLMProposer:
     sibling_depth D the chain's tokens at depths 1..D get such alternatives, each from the logits it was drawn
     from: the runners-up at depth d are children of the chain's node at depth d - 1.
 
-    lookup: when the sequence's last tokens occurred before (inference.lookup.PromptLookup), a step proposes the
-    copy that followed them instead of drafting: no draft forward, a chain of lookup.num_tokens tokens. Those are
-    deterministic proposals (point masses), so speculative sampling stays lossless with them.
-
     confidence: drafting stops early once the draft's probability of its own token falls below it (the token is
     still proposed): a dynamic draft length, like transformers' assistant_confidence_threshold; k is then the most
     tokens a step drafts. 0 disables it.
@@ -60,8 +56,7 @@ class DraftLMProposer:
     def __init__(self, draft_model: PreTrainedModel | PeftModel, k: int = 4, adaptive: bool = False,
                  k_min: int = 1, k_max: int = 8, temperature: float = 0.0,
                  generator: torch.Generator | None = None, draft_vocab: list[int] | None = None,
-                 siblings: int = 0, confidence: float = 0.0, lookup: PromptLookup | None = None,
-                 sibling_depth: int = 1):
+                 siblings: int = 0, confidence: float = 0.0, sibling_depth: int = 1):
         if not 1 <= k_min <= k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
         if not (k_min <= k <= k_max if adaptive else k >= 1):
@@ -80,8 +75,7 @@ class DraftLMProposer:
         if not 0 <= confidence < 1:
             raise ValueError(f"confidence={confidence} must be in [0, 1): drafting stops below this draft "
                              "probability (0: never)")
-        self.siblings, self.sibling_depth, self.confidence, self.lookup = siblings, sibling_depth, confidence, lookup
-        self.lookup_steps = self.lookup_accepted = 0  # steps answered by lookup, drafted tokens accepted in them
+        self.siblings, self.sibling_depth, self.confidence = siblings, sibling_depth, confidence
         self.k, self.adaptive, self.k_min, self.k_max = k, adaptive, k_min, k_max
         self.temperature, self.generator = temperature, generator
         self.vocab, self.head, self.head_bias = self._draft_head(draft_vocab)
@@ -133,10 +127,8 @@ class DraftLMProposer:
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
         """input_ids [T]: the prompt, queued for a fresh draft cache (the first propose prefills it together with
         the root, in one forward). hidden_states [T, H] (the target's) are not used."""
-        self.cache = DynamicCache(config=self.draft.config)
+        self.cache = growing_cache(self.draft.config)
         self.tail, self.pending = [], input_ids.tolist()
-        if self.lookup is not None:
-            self.lookup.reset(self.pending)
 
     def propose(self, root: int) -> TokenTree:
         """Feed pending accepted tokens + root, then draft k tokens (k draft forwards in all; fewer when the
@@ -144,10 +136,6 @@ class DraftLMProposer:
         attached for speculative sampling."""
         if self.cache is None:
             raise RuntimeError("DraftLMProposer.propose called before begin(input_ids, hidden_states)")
-        copied = self._look_up(root)
-        if copied:
-            self.tail = []
-            return TokenTree.chain(torch.tensor([root] + copied))
         self.tail = [root]
         logits = self.draft_forward(self.pending + [root])                   # [V]
         self.pending = []
@@ -169,14 +157,6 @@ class DraftLMProposer:
             return TokenTree(torch.tensor([root] + drafts + extra), list(range(-1, len(drafts))) + extra_parents)
         return TokenTree.chain(torch.tensor([root] + drafts), torch.stack(probs) if probs else None)
 
-    def _look_up(self, root: int) -> list[int]:
-        if self.lookup is None:
-            return []
-        self.lookup.extend([root])
-        copied = self.lookup.propose()
-        self.lookup_steps += bool(copied)
-        return copied
-
     def _runners_up(self, logits: torch.Tensor) -> list[int]:
         """The tokens ranked 2 .. siblings + 1 by one draft step's logits [V] or [N] (target ids)."""
         if not self.siblings:
@@ -187,10 +167,7 @@ class DraftLMProposer:
     def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
         """tokens [n]: root + the n - 1 accepted drafts, now in the target's cache. Roll the draft cache back to
         the accepted prefix of what it drafted; queue accepted tokens it does not hold yet."""
-        accepted, drafted = tokens.tolist(), len(self.tail)  # tail: root + all drafts but the last; [] after lookup
-        if self.lookup is not None:
-            self.lookup.extend(accepted[1:])
-            self.lookup_accepted += 0 if drafted else len(accepted) - 1
+        accepted, drafted = tokens.tolist(), len(self.tail)  # tail: root + all drafts but the last; [] if not run
         kept = 0 if self.pending else _common_prefix_len(self.tail, accepted)
         self.cache.crop(-(drafted - kept))  # transformers 5: a negative count removes that many (0: none)
         self.pending += accepted[kept:]

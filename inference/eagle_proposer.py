@@ -93,8 +93,14 @@ class EagleProposer:
         self.pending_features, self.pending_tokens = hidden_states, input_ids[1:].tolist()
 
     def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        """tokens [n] (root + accepted drafts) entered the target's cache with features [n, F]."""
-        self.pending_features, self.pending_tokens = hidden_states, tokens[1:].tolist()
+        """tokens [n] (root + accepted drafts) entered the target's cache with features [n, F]. When the pairs of
+        an earlier update are still pending (that step was proposed without the drafter: prompt lookup), this
+        step's root completes them and the new pairs follow."""
+        if self.pending_features is None:
+            self.pending_features, self.pending_tokens = hidden_states, tokens[1:].tolist()
+        else:
+            self.pending_features = torch.cat([self.pending_features, hidden_states])     # [n' + n, F]
+            self.pending_tokens += tokens.tolist()
 
     @torch.no_grad()
     def propose(self, root: int) -> TokenTree:
@@ -135,13 +141,9 @@ class EagleProposer:
         tokens = torch.tensor([[tree.tokens[i] for i in nodes]], device=self.ids.device)  # [1, m]
         hidden = torch.stack([tree.outputs[tree.parents[i]] for i in nodes])[None]       # [1, m, H]
         pos = torch.tensor([[self.base - 1 + tree.depths[i] for i in nodes]], device=tokens.device)
-        allowed = torch.zeros(len(nodes), self.base + len(tree.fed) + len(nodes), dtype=torch.bool)
-        allowed[:, :self.base] = True
-        for r, i in enumerate(nodes):
-            ancestors = set(self._ancestors(tree, i))
-            for c, j in enumerate(tree.fed):
-                allowed[r, self.base + c] = j in ancestors
-            allowed[r, self.base + len(tree.fed) + r] = True
+        draft = [[j in ancestors for j in tree.fed] + [c == r for c in range(len(nodes))]
+                 for r, ancestors in enumerate(set(self._ancestors(tree, i)) for i in nodes)]  # [m, fed + m]
+        allowed = torch.cat([torch.ones(len(nodes), self.base, dtype=torch.bool), torch.tensor(draft)], dim=1)
         out = d(tokens, hidden, pos, self._additive(allowed, hidden.dtype), self.cache)   # [1, m, H]
         tree.fed += nodes
         for r, i in enumerate(nodes):
@@ -153,12 +155,12 @@ class EagleProposer:
         logp = torch.log_softmax(F.linear(self.drafter.head_input(outs), self.head.to(outs.dtype)).float(), -1)
         k = min(self._children_wanted(tree, nodes), logp.shape[-1])
         top = logp.topk(k, dim=-1)                                                          # [m, k]
-        targets = self.ids[top.indices].tolist()
+        targets, values = self.ids[top.indices].tolist(), top.values.tolist()   # read back once per depth
         for r, i in enumerate(nodes):
             for rank in range(k):
                 if self.mode == "static" and tree.paths[i] + (rank,) not in self.path_set:
                     continue
-                tree.add(targets[r][rank], i, tree.scores[i] + float(top.values[r, rank]), rank)
+                tree.add(targets[r][rank], i, tree.scores[i] + values[r][rank], rank)
 
     def _to_expand(self, tree: DraftNodes, d: int) -> list[int]:
         """Nodes at depth d whose children are drafted next."""

@@ -45,6 +45,8 @@ class EvalConfig:
                         "attention for target and drafter", flag="--no-pack", invert=True)
     tree: str = option("auto", "'auto' (a static tree calibrated on this machine), 'chain', JSON rank paths, or for "
                        "EAGLE 'dynamic' (EAGLE-2 trees of max_tree_nodes nodes)", HEADS)
+    min_speedup: float = option(1.05, "auto: decode plainly unless the best tree is predicted at least this many "
+                                "times faster than plain decoding (the cost model's margin)", HEADS)
     max_tree_nodes: int = option(64, "auto: the largest tree tried; EAGLE dynamic trees: the nodes verified", HEADS)
     tree_depth: int = option(5, "EAGLE: draft steps per proposal (dynamic tree / static tree limit / chain length)",
                              EAGLE)
@@ -65,9 +67,9 @@ class EvalConfig:
     draft_dtype: Literal["float32", "bfloat16", "float16"] | None = option(
         None, "draft LMs: run the draft in this dtype (null: the target's), e.g. bfloat16 beside a float32 target",
         DRAFT_LM)
-    prompt_lookup: int = option(0, "draft LMs: where the last N (down to 2) tokens occurred before, propose what "
-                                "followed them (prompt lookup, no draft forward); 0: off", DRAFT_LM)
-    prompt_lookup_tokens: int = option(8, "tokens copied per prompt-lookup proposal", DRAFT_LM)
+    prompt_lookup: int = option(0, "where the last N (down to 2) tokens occurred before, propose what followed them "
+                                "(prompt lookup, no drafter run) and the drafter's proposal elsewhere; 0: off")
+    prompt_lookup_tokens: int = option(8, "tokens copied per prompt-lookup proposal")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -82,6 +84,7 @@ class EvalConfig:
               "compares against greedy decoding: use temperature 0")
         check(not (self.typical_acceptance and self.temperature == 0), "eval.typical_acceptance",
               self.typical_acceptance, "applies to sampling: give temperature > 0")
+        check(self.min_speedup > 0, "eval.min_speedup", self.min_speedup, "must be > 0 (1: any predicted gain)")
         check(self.max_tree_nodes >= 1, "eval.max_tree_nodes", self.max_tree_nodes, "must be >= 1")
         check(self.tree_depth >= 1, "eval.tree_depth", self.tree_depth, "must be >= 1")
         check(self.tree_topk >= 1, "eval.tree_topk", self.tree_topk, "must be >= 1")
@@ -127,7 +130,7 @@ class EvalConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in PROPOSER_FIELDS}
 
 
-PROPOSER_FIELDS = ("tree", "max_tree_nodes", "tree_depth", "tree_topk", "draft_k", "adaptive_k", "draft_siblings",
+PROPOSER_FIELDS = ("tree", "min_speedup", "max_tree_nodes", "tree_depth", "tree_topk", "draft_k", "adaptive_k", "draft_siblings",
                    "sibling_depth", "draft_confidence", "full_draft_vocab", "prompt_lookup", "prompt_lookup_tokens")
 
 

@@ -24,6 +24,7 @@ import platform
 import re
 import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,9 +40,11 @@ from target.packing import grouped_query_attention, packed_linears
 
 from .eval_config import ConfigError, EvalConfig
 from .hf_baselines import ForwardCounter, hf_assisted_generate, hf_assistant_settings
+from .lookup import LookupProposer
 from .metrics import Tally, answer_repetition
 from .proposer_setup import make_proposer
-from .report import acceptance_name, answer_record, drafter_target, format_table, summaries, write_report
+from .report import (acceptance_name, answer_record, drafter_target, format_table, prediction, summaries,
+                     write_report)
 from .speculative import Acceptance, GenerationResult, plain_generate, speculative_generate
 
 
@@ -60,28 +63,36 @@ def answer(generate, tokenizer, turns: list[str], max_new_tokens: int, device=No
 
 def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, drafter, config: EvalConfig,
                      progress: bool = True) -> dict:
-    """Run the evaluation and return the report (see the module docstring). config.pack: on CPU, run target and
-    drafter with oneDNN-prepacked linear layers and the target with grouped-query attention that does not copy its
-    KV cache (target.packing), both for plain and speculative decoding. config.draft_dtype (draft LMs): run a copy
-    of the draft in this dtype, in draftsmith's loop and transformers' alike; verification stays in the target's
-    dtype, so decoding stays lossless."""
+    """Run the evaluation and return the report (see the module docstring), with target and drafter set up as
+    `inference_setup` does."""
+    qs = load_questions(config.questions, per_category=config.per_category, limit=config.limit)
+    with inference_setup(target, drafter, config) as (drafter, setup):
+        report = _evaluate(target, tokenizer, drafter, qs, config, progress)
+    report["setup"].update(questions=config.questions, **setup)
+    return report
+
+
+@contextmanager
+def inference_setup(target: PreTrainedModel, drafter, config: EvalConfig):
+    """Yields (the drafter to decode with, a record of the setup). config.pack: on CPU, run target and drafter
+    with oneDNN-prepacked linear layers and the target with grouped-query attention that does not copy its KV
+    cache (target.packing), both for plain and speculative decoding. config.draft_dtype (draft LMs): a copy of the
+    draft in this dtype; verification stays in the target's dtype, so decoding stays lossless."""
     kind = kind_of(drafter)
     config.check_kind(kind)
     drafter = prepare_drafter(drafter, target, config)
-    qs = load_questions(config.questions, per_category=config.per_category, limit=config.limit)
     reads_features = get_kind(kind).reads_target_features
-    with packed_linears(target, enabled=config.pack) as packed, \
-            packed_linears(drafter, enabled=config.pack) as packed_drafter, \
-            grouped_query_attention(target, enabled=config.pack) as grouped:
+    try:
+        with packed_linears(target, enabled=config.pack) as packed, \
+                packed_linears(drafter, enabled=config.pack) as packed_drafter, \
+                grouped_query_attention(target, enabled=config.pack) as grouped:
+            if reads_features:
+                drafter.attach_target(target)  # a drafter borrowing the target's LM head gets the packed one here
+            yield drafter, {"packed_linear_layers": packed + packed_drafter, "grouped_query_attention": grouped,
+                            "draft_dtype": str(next(drafter.parameters()).dtype).removeprefix("torch.")}
+    finally:
         if reads_features:
-            drafter.attach_target(target)  # a drafter borrowing the target's LM head gets the packed one here ...
-        report = _evaluate(target, tokenizer, drafter, qs, config, progress)
-    if reads_features:
-        drafter.attach_target(target)  # ... and the plain one again after
-    report["setup"].update(questions=config.questions, packed_linear_layers=packed + packed_drafter,
-                           grouped_query_attention=grouped,
-                           draft_dtype=str(next(drafter.parameters()).dtype).removeprefix("torch."))
-    return report
+            drafter.attach_target(target)  # ... and the plain one again after
 
 
 def prepare_drafter(drafter, target: PreTrainedModel, config: EvalConfig):
@@ -137,9 +148,9 @@ def _evaluate(target, tokenizer, drafter, qs, config: EvalConfig, progress: bool
     max_new_tokens, check_lossless = config.max_new_tokens, config.check_lossless
     for generate in methods.values():  # warm-up, not counted
         answer(generate, tokenizer, ["Hello!"], 8, target.device)
-    copies = getattr(proposer, "lookup", None) is not None  # draftsmith's prompt lookup: count its steps from here
+    copies = isinstance(proposer, LookupProposer)  # draftsmith's prompt lookup: count its steps from here
     if copies:
-        proposer.lookup_steps = proposer.lookup_accepted = 0
+        proposer.steps = proposer.accepted = 0
     tallies = {name: defaultdict(Tally) for name in methods if name != "plain"}
     checked, mismatches, answers = 0, defaultdict(int), []
     for i, q in enumerate(qs):
@@ -171,8 +182,9 @@ def _evaluate(target, tokenizer, drafter, qs, config: EvalConfig, progress: bool
         },
     }
     if copies:
-        report["setup"]["proposer"].update(lookup_steps=proposer.lookup_steps,
-                                           lookup_accepted=proposer.lookup_accepted)
+        report["setup"]["proposer"].update(lookup_steps=proposer.steps, lookup_accepted=proposer.accepted)
+    if "calibration" in proposer_setup:  # --tree auto: the cost model's prediction against this measurement
+        report["prediction"] = prediction(proposer_setup, overall, copies)
     if check_lossless:
         report["lossless"] = {"checked": checked, "mismatches": mismatches["draftsmith"]}
     report["answers"], report["answer_repetition"] = answers, answer_repetition(answers)

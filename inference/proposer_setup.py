@@ -13,29 +13,30 @@ from drafters import EagleModel, MedusaModel
 from drafters.kinds import check_table, kind_of
 from drafters.vocab import get_draft_vocab
 
-from .calibrate import NODE_COUNTS, choose_tree, draft_cost_ratio, proposer_seconds, verify_latency
+from .calibrate import NODE_COUNTS, choose_tree, draft_cost_ratio, loop_step_costs
 from .draft_lm_proposer import DraftLMProposer
 from .eagle_proposer import EagleProposer
-from .lookup import PromptLookup
+from .lookup import LookupProposer, PromptLookup
 from .proposers import MedusaProposer
+from .speculative import NoDraft
 
 # Used when a drafter carries no measured per-head accuracy (e.g. untrained heads): a deliberately modest guess.
 PRIOR_ACCURACY = [[0.5 * 0.7 ** k * 0.3 ** i for i in range(4)] for k in range(8)]
 
 
 def medusa_proposer(drafter: MedusaModel, target: PreTrainedModel, tree: str, max_nodes: int,
-                    draft_vocab: list[int] | None = None):
-    """tree: 'auto' (calibrated on this device), 'chain' (top-1 of every head) or a JSON list of rank paths."""
+                    draft_vocab: list[int] | None = None, min_speedup: float = 1.05):
+    """tree: 'auto' (calibrated on this device; plain decoding when no tree pays), 'chain' (top-1 of every head)
+    or a JSON list of rank paths."""
     make = lambda paths: MedusaProposer(drafter, paths, draft_vocab)  # noqa: E731
     if tree != "auto":
-        proposer = make(fixed_paths(tree, drafter.config.num_heads))
-        return proposer, {"nodes": len(proposer.paths) + 1, "paths": [list(p) for p in proposer.paths]}
+        return make(fixed_paths(tree, drafter.config.num_heads)), {"tree": tree}
     accuracy = drafter.config.head_topk_accuracy
     if not accuracy:
         print("warning: the drafter records no per-head accuracy; sizing the tree with a prior guess",
               file=sys.stderr)
         accuracy = PRIOR_ACCURACY[:drafter.config.num_heads]
-    return calibrated_tree(accuracy, target, make, drafter.config.hidden_size, max_nodes)
+    return calibrated_tree(accuracy, target, make, None, max_nodes, min_speedup)
 
 
 def fixed_paths(tree: str, depth: int) -> list[tuple[int, ...]]:
@@ -43,37 +44,38 @@ def fixed_paths(tree: str, depth: int) -> list[tuple[int, ...]]:
     return [(0,) * d for d in range(1, depth + 1)] if tree == "chain" else [tuple(p) for p in json.loads(tree)]
 
 
-def calibrated_tree(accuracy: list[list[float]], target: PreTrainedModel, make_proposer, feature_width: int,
-                    max_nodes: int):
+def calibrated_tree(accuracy: list[list[float]], target: PreTrainedModel, make_proposer,
+                    feature_layers: list[int] | None, max_nodes: int, min_speedup: float):
     """The static tree of rank paths that maximises predicted tokens per second on this device (choose_tree):
-    accuracy[d][i] = P(rank-i candidate at depth d is right), the target's verify forward timed for each node
-    count <= max_nodes, and the proposer's own drafting of each candidate tree timed (make_proposer(paths); its
-    begin/update take features of feature_width). Returns (proposer, calibration record for the report)."""
-    latency = verify_latency(target, [n for n in NODE_COUNTS if n <= max_nodes])
-    dtype = target.get_output_embeddings().weight.dtype
-    choice = choose_tree(accuracy, latency, proposer_seconds(make_proposer, feature_width, dtype, target.device))
-    calibration = {"verify_seconds": {str(n): s for n, s in latency.items()}, "candidates": choice.table,
-                   "nodes": len(choice.paths) + 1, "paths": [list(p) for p in choice.paths],
-                   "expected_tau": choice.expected_tau, "predicted_speedup": choice.predicted_speedup}
-    return make_proposer(choice.paths), calibration
+    accuracy[d][i] = P(rank-i candidate at depth d is right), real loop steps timed for every candidate tree of
+    <= max_nodes nodes (make_proposer(paths), reading the target's feature_layers) and for plain decoding.
+    Returns (proposer, setup record for the report); the proposer is NoDraft (plain decoding) when no tree is
+    predicted at least min_speedup times faster than plain decoding."""
+    costs = loop_step_costs(target, make_proposer, feature_layers)
+    choice = choose_tree(accuracy, [n for n in NODE_COUNTS if n <= max_nodes], costs, min_speedup)
+    calibration = {"plain": choice.plain, "candidates": choice.table, "best": choice.best,
+                   "min_speedup": min_speedup, "expected_tau": choice.expected_tau,
+                   "predicted_speedup": choice.predicted_speedup}
+    if choice.paths is None:
+        return NoDraft(), {"tree": "auto", "decoding": "plain", "calibration": calibration}
+    return make_proposer(choice.paths), {"tree": "auto", "calibration": calibration}
 
 
 def eagle_proposer(drafter: EagleModel, target: PreTrainedModel, tree: str, max_nodes: int, depth: int, topk: int,
-                   draft_vocab: list[int] | None = None):
+                   draft_vocab: list[int] | None = None, min_speedup: float = 1.05):
     """tree: 'auto' (a static tree calibrated on this device from the drafter's held-out accuracy per depth and
-    rank, at most `depth` deep, see calibrated_tree), 'dynamic' (EAGLE-2, max_nodes nodes), 'chain' (depth
-    tokens) or JSON rank paths (a static tree)."""
+    rank, at most `depth` deep, or plain decoding when none pays: see calibrated_tree), 'dynamic' (EAGLE-2,
+    max_nodes nodes), 'chain' (depth tokens) or JSON rank paths (a static tree)."""
     setup = {"tree": tree, "depth": depth, "topk": topk}
     if tree == "dynamic":
         proposer = EagleProposer(drafter, "dynamic", depth=depth, topk=topk, nodes=max_nodes, draft_vocab=draft_vocab)
         return proposer, {**setup, "nodes": max_nodes}
     make = lambda paths: EagleProposer(drafter, "static", paths=paths, draft_vocab=draft_vocab)  # noqa: E731
-    if tree == "auto":
-        proposer, setup["calibration"] = calibrated_tree(eagle_accuracy(drafter)[:depth], target, make,
-                                                         drafter.config.feature_width, max_nodes)
-    else:
-        proposer = make(fixed_paths(tree, depth))
-    return proposer, {**setup, "nodes": len(proposer.paths) + 1, "paths": [list(p) for p in proposer.paths]}
+    if tree != "auto":
+        return make(fixed_paths(tree, depth)), setup
+    proposer, calibrated = calibrated_tree(eagle_accuracy(drafter)[:depth], target, make,
+                                           drafter.config.feature_layers, max_nodes, min_speedup)
+    return proposer, {**setup, **calibrated}
 
 
 def eagle_accuracy(drafter: EagleModel) -> list[list[float]]:
@@ -89,31 +91,36 @@ def eagle_accuracy(drafter: EagleModel) -> list[list[float]]:
     return PRIOR_ACCURACY
 
 
+def tree_record(proposer) -> dict:
+    """The static tree a proposer verifies, for the report: nodes (the root included) and rank paths."""
+    paths = getattr(proposer, "paths", [])
+    return {"nodes": len(paths) + 1, "paths": [list(p) for p in paths]}
+
+
 def _medusa_setup(drafter, target, vocab, o: dict, temperature, generator):
-    proposer, setup = medusa_proposer(drafter, target, o["tree"], o["max_tree_nodes"], vocab)
-    return proposer, {**setup, "draft_vocab": len(vocab) if vocab else "full"}
+    proposer, setup = medusa_proposer(drafter, target, o["tree"], o["max_tree_nodes"], vocab, o["min_speedup"])
+    return proposer, {**setup, **tree_record(proposer), "draft_vocab": len(vocab) if vocab else "full"}
 
 
 def _eagle_setup(drafter, target, vocab, o: dict, temperature, generator):
     proposer, setup = eagle_proposer(drafter, target, o["tree"], o["max_tree_nodes"], o["tree_depth"],
-                                     o["tree_topk"], vocab)
-    return proposer, {**setup, "eagle_version": drafter.config.eagle_version, "draft_vocab": len(proposer.ids)}
+                                     o["tree_topk"], vocab, o["min_speedup"])
+    if o["tree"] != "dynamic":
+        setup.update(tree_record(proposer))
+    ids = drafter.draft_ids() if vocab is None or drafter.config.eagle_version == 3 else vocab
+    return proposer, {**setup, "eagle_version": drafter.config.eagle_version, "draft_vocab": len(ids)}
 
 
 def _draft_lm_setup(drafter, target, vocab, o: dict, temperature, generator):
-    """A chain of k tokens (adaptive by default) with siblings / confidence stops; with prompt_lookup, a copy of
-    prompt_lookup_tokens tokens where the last prompt_lookup..2 tokens occurred before, the draft elsewhere."""
-    lookup = PromptLookup(o["prompt_lookup"], 2, o["prompt_lookup_tokens"]) if o["prompt_lookup"] else None
+    """A chain of k tokens (adaptive by default) with siblings / confidence stops."""
     proposer = DraftLMProposer(drafter, k=o["draft_k"], adaptive=o["adaptive_k"], k_max=max(8, o["draft_k"]),
                                temperature=temperature, generator=generator, draft_vocab=vocab,
-                               siblings=o["draft_siblings"], confidence=o["draft_confidence"], lookup=lookup,
+                               siblings=o["draft_siblings"], confidence=o["draft_confidence"],
                                sibling_depth=o["sibling_depth"])
     cost = draft_cost_ratio(target, proposer)
     return proposer, {"k": o["draft_k"], "adaptive": o["adaptive_k"], "k_max": proposer.k_max,
                       "siblings": o["draft_siblings"], "sibling_depth": o["sibling_depth"],
-                      "confidence": o["draft_confidence"], "draft_vocab": len(vocab) if vocab else "full",
-                      "prompt_lookup": lookup and {"max_ngram": lookup.max_ngram, "min_ngram": lookup.min_ngram,
-                                                   "tokens": lookup.num_tokens}, **cost}
+                      "confidence": o["draft_confidence"], "draft_vocab": len(vocab) if vocab else "full", **cost}
 
 
 # drafter kind -> (drafter, target, draft vocabulary or None, options, temperature, generator) -> (proposer, setup)
@@ -125,7 +132,8 @@ def make_proposer(drafter, target: PreTrainedModel, *, temperature: float = 0.0,
                   generator: torch.Generator | None = None, **options):
     """The drafter's proposer and a description of its setup for the report. options: the proposer fields of
     inference.eval_config.EvalConfig (defaults from there); the draft vocabulary is the frequent-token set recorded
-    at training unless full_draft_vocab."""
+    at training unless full_draft_vocab. With prompt_lookup, every kind's proposer gets prompt lookup beside it:
+    a copy of prompt_lookup_tokens tokens where the last prompt_lookup..2 tokens occurred before (LookupProposer)."""
     from .eval_config import EvalConfig
 
     o = {**EvalConfig().proposer_options(), **options}
@@ -133,4 +141,10 @@ def make_proposer(drafter, target: PreTrainedModel, *, temperature: float = 0.0,
     if unknown:
         raise TypeError(f"make_proposer got unknown options {unknown}")
     vocab = None if o["full_draft_vocab"] else get_draft_vocab(drafter.config)
-    return PROPOSER_SETUPS[kind_of(drafter)](drafter, target, vocab, o, temperature, generator)
+    proposer, setup = PROPOSER_SETUPS[kind_of(drafter)](drafter, target, vocab, o, temperature, generator)
+    if o["prompt_lookup"]:
+        lookup = PromptLookup(o["prompt_lookup"], 2, o["prompt_lookup_tokens"])
+        proposer = LookupProposer(proposer, lookup)
+        setup["prompt_lookup"] = {"max_ngram": lookup.max_ngram, "min_ngram": lookup.min_ngram,
+                                  "tokens": lookup.num_tokens}
+    return proposer, setup

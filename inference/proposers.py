@@ -51,14 +51,24 @@ class MedusaProposer:
 
     @torch.no_grad()
     def propose(self, root: int) -> TokenTree:
-        states = self.drafter.head_states(self.hidden, self.depth)       # depth x [H]
-        if self.vocab is None:
-            top = [self.drafter.head_logits(d, s).topk(k).indices for d, (s, k) in enumerate(zip(states, self.topk))]
-        else:
-            top = [self.vocab[F.linear(s, self.sub_heads[d]).topk(k).indices]
-                   for d, (s, k) in enumerate(zip(states, self.topk))]
-        tokens = [root] + [top[len(p) - 1][p[-1]].item() for p in self.paths]
+        states = torch.stack(self.drafter.head_states(self.hidden, self.depth))      # [depth, H]
+        logits = self._depth_logits(states)                                           # [depth, V] or [depth, N]
+        top = torch.cat([logits[d].topk(k).indices for d, k in enumerate(self.topk)])  # [sum(topk)]
+        ranked = (top if self.vocab is None else self.vocab[top]).tolist()            # one read-back per step
+        starts = [sum(self.topk[:d]) for d in range(self.depth)]
+        tokens = [root] + [ranked[starts[len(p) - 1] + p[-1]] for p in self.paths]
         return TokenTree(torch.tensor(tokens), self.parents)
+
+    def _depth_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """states [depth, H] -> each head's logits [depth, V] (or [depth, N] over the draft vocabulary). Heads that
+        share one LM head (share_lm_head) project together: the matrix is read once, not once per head."""
+        shared = self.drafter.config.share_lm_head
+        if self.vocab is not None:
+            heads = self.sub_heads
+            return F.linear(states, heads[0]) if shared else torch.stack([F.linear(s, w) for s, w in zip(states, heads)])
+        if shared:
+            return self.drafter.head_logits(0, states)
+        return torch.stack([self.drafter.head_logits(d, s) for d, s in enumerate(states)])
 
     def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
         self.hidden = hidden_states[-1]

@@ -38,6 +38,44 @@ def drafter_target(drafter) -> str | None:
     return provenance(drafter.config)["target_name_or_path"]
 
 
+def prediction(setup: dict, overall: dict, lookup: bool) -> dict:
+    """The cost model's prediction (inference.calibrate: tau from held-out accuracy, step costs from timed loop
+    steps; setup: the proposer's) beside what the run measured on the questions: speedup, tau, ms per verify
+    step and per plain-decoding token. With prompt lookup the measurement includes the copies, the prediction
+    does not."""
+    calibration = setup["calibration"]
+    step = calibration["plain" if setup.get("decoding") == "plain" else "best"]["step_ms"]
+    plain_tokens_per_s = overall["baseline_tokens_per_s"]
+    return {"predicted_speedup": calibration["predicted_speedup"], "measured_speedup": overall["speedup"],
+            "predicted_tau": calibration["expected_tau"], "measured_tau": overall["tau"],
+            "predicted_step_ms": step, "measured_step_ms": _ms(overall["seconds"], overall["target_forwards"]),
+            "predicted_plain_ms": calibration["plain"]["step_ms"],
+            "measured_plain_ms": 1e3 / plain_tokens_per_s if plain_tokens_per_s else 0.0,
+            "with_prompt_lookup": lookup}
+
+
+def _ms(seconds: float, count: int) -> float:
+    return 1e3 * seconds / count if count else 0.0
+
+
+def cost_model_lines(setup: dict, prediction: dict | None) -> list[str]:
+    """One line when the calibration chose plain decoding; one line of predicted against measured."""
+    lines = []
+    calibration = setup.get("calibration", {})
+    if setup.get("decoding") == "plain":
+        best = calibration["best"]
+        lines.append(f"no tree pays on this machine for this drafter: decoded plainly (best candidate {best['nodes']} "
+                     f"nodes, predicted {best['predicted_speedup']:.2f}x < {calibration['min_speedup']:.2f}x)")
+    if prediction:
+        p = prediction
+        lines.append(f"cost model: predicted {p['predicted_speedup']:.2f}x (tau {p['predicted_tau']:.2f}, "
+                     f"{p['predicted_step_ms']:.1f} ms/step, plain {p['predicted_plain_ms']:.1f} ms/token), measured "
+                     f"{p['measured_speedup']:.2f}x (tau {p['measured_tau']:.2f}, {p['measured_step_ms']:.1f} ms/step, "
+                     f"plain {p['measured_plain_ms']:.1f} ms/token)" + (", prompt lookup on" if p["with_prompt_lookup"]
+                                                                         else ""))
+    return lines
+
+
 def format_table(report: dict) -> str:
     """The per-category table printed on the terminal."""
     rows = [*report["per_category"].items(), ("overall", report["overall"])]
@@ -53,6 +91,7 @@ def format_table(report: dict) -> str:
     if "lookup_steps" in proposer:
         lines.append(f"prompt lookup: {proposer['lookup_steps']} of {report['overall']['verify_steps']} steps, "
                      f"accepting {proposer['lookup_accepted']} copied tokens")
+    lines += cost_model_lines(proposer, report.get("prediction"))
     if "answer_repetition" in report:
         rep = report["answer_repetition"]
         lines.append(f"target's answers: {rep['turns_at_budget']} of {rep['turns']} ran to max_new_tokens; "

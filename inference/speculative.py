@@ -22,7 +22,8 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from target.model import target_forward
-from .tree import TokenTree, tree_attention_mask
+from .kv_cache import GrowingLayer, growing_cache
+from .tree import TokenTree, TreeShape, tree_shape
 
 
 class Proposer(Protocol):
@@ -37,7 +38,9 @@ class Proposer(Protocol):
         """Candidate continuations after `root`, the token the target chose last (not yet in its KV cache)."""
 
     def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        """Learn what was accepted: tokens [n] entered the target's cache, hidden_states [n, H] are theirs."""
+        """Learn what was accepted: tokens [n] entered the target's cache, hidden_states [n, H] are theirs;
+        tokens[0] is the root of the step. Updates may follow each other without a propose in between (a step
+        answered by prompt lookup, inference.lookup.LookupProposer): the proposer then keeps what each brought."""
 
 
 @dataclass
@@ -73,20 +76,35 @@ def _choose(logits: torch.Tensor, acceptance: Acceptance, generator: torch.Gener
     return sample(torch.softmax(logits.float() / acceptance.temperature, dim=-1), generator)
 
 
-def _accepted_nodes(tree: TokenTree, logits: torch.Tensor, acceptance: Acceptance) -> list[bool]:
-    """Which nodes lie on a path the target accepts. logits [N, V]: the target's logits after each node."""
-    if acceptance.temperature == 0:
-        ok = (tree.tokens[1:] == logits.argmax(-1)[tree.parents[1:]]).tolist()
-    else:  # typical acceptance: p(x) > min(epsilon, delta * exp(-H(p)))
-        probs = torch.softmax(logits.float() / acceptance.temperature, dim=-1)       # [N, V]
-        entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)              # [N]
-        threshold = torch.minimum(torch.full_like(entropy, acceptance.epsilon), acceptance.delta * (-entropy).exp())
-        parents = torch.tensor(tree.parents[1:], device=logits.device)
-        ok = (probs[parents, tree.tokens[1:]] > threshold[parents]).tolist()
+def _typical_ok(tree: TokenTree, shape: TreeShape, logits: torch.Tensor, acceptance: Acceptance) -> list[bool]:
+    """Typical acceptance of each non-root node given its parent: p(x) > min(epsilon, delta * exp(-H(p)))."""
+    probs = torch.softmax(logits.float() / acceptance.temperature, dim=-1)       # [N, V]
+    entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)              # [N]
+    threshold = torch.minimum(torch.full_like(entropy, acceptance.epsilon), acceptance.delta * (-entropy).exp())
+    tokens = tree.tokens[1:].to(logits.device)
+    return (probs[shape.parents, tokens] > threshold[shape.parents]).tolist()
+
+
+def _deepest_accepted(tree: TokenTree, shape: TreeShape, ok: list[bool]) -> int:
+    """The deepest node whose whole path is accepted (ties: the earliest); ok[i - 1]: node i given its parent."""
     accepted = [True] + [False] * (len(tree) - 1)
     for i in range(1, len(tree)):
         accepted[i] = ok[i - 1] and accepted[tree.parents[i]]
-    return accepted
+    return max(range(len(tree)), key=lambda i: (accepted[i] and shape.depths[i], -i))
+
+
+def _accept(tree: TokenTree, tokens: list[int], shape: TreeShape, logits: torch.Tensor, acceptance: Acceptance,
+            generator: torch.Generator | None) -> tuple[int, int]:
+    """(the last accepted node, the target's next token after it). tokens: the tree's tokens on the host;
+    logits [N, V]: the target's logits after each node. Greedy reads them back once ([N] argmaxes)."""
+    if acceptance.temperature > 0 and not acceptance.typical:
+        return speculative_sampling(tree, logits, acceptance.temperature, generator)
+    if acceptance.temperature == 0:
+        choice = logits.argmax(-1).tolist()
+        best = _deepest_accepted(tree, shape, [tokens[i] == choice[p] for i, p in enumerate(tree.parents) if i])
+        return best, choice[best]
+    best = _deepest_accepted(tree, shape, _typical_ok(tree, shape, logits, acceptance))
+    return best, int(_choose(logits[best:best + 1], acceptance, generator))
 
 
 def speculative_sampling(tree: TokenTree, logits: torch.Tensor, temperature: float,
@@ -125,19 +143,19 @@ def speculative_sampling(tree: TokenTree, logits: torch.Tensor, temperature: flo
             return node, int(sample(p, generator))
 
 
-def keep_cache_entries(cache: DynamicCache, prefix_len: int, keep: torch.Tensor) -> None:
-    """Keep cache positions [0, prefix_len) followed by prefix_len + keep (keep [n], sorted); drop the rest.
+def keep_cache_entries(cache: DynamicCache, prefix_len: int, keep: list[int]) -> None:
+    """Keep cache positions [0, prefix_len) followed by prefix_len + keep (keep: n sorted offsets); drop the rest.
     When keep is 0..n-1 (a chain's accepted prefix) the entries are already in place: only the tail is cut."""
     n = len(keep)
-    in_place = bool((keep == torch.arange(n, device=keep.device)).all())
+    moved = None if keep == list(range(n)) else torch.tensor(keep, device=cache.layers[0].keys.device)
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, GrowingLayer):
             raise NotImplementedError(f"tree verification compacts full-attention caches only, got {type(layer).__name__} "
                                       "(sliding-window or linear-attention layers); use a chain-only drafter")
         for name in ("keys", "values"):
             kv = getattr(layer, name)                               # [1, heads, prefix_len + N, head_dim]
-            if not in_place:
-                kv[:, :, prefix_len:prefix_len + n] = kv[:, :, prefix_len + keep]
+            if moved is not None:
+                kv[:, :, prefix_len:prefix_len + n] = kv[:, :, prefix_len + moved]
             setattr(layer, name, kv[:, :, :prefix_len + n])
 
 
@@ -150,58 +168,132 @@ def _finish(new: list[int], out: list[int], max_new_tokens: int, eos: set[int]) 
     return False
 
 
-@torch.no_grad()
-def plain_generate(target: PreTrainedModel, input_ids: torch.Tensor, max_new_tokens: int, eos: set[int],
-                   acceptance: Acceptance = Acceptance(), generator: torch.Generator | None = None) -> GenerationResult:
-    """Plain autoregressive decoding: one target forward per token (the baseline, tau = 1)."""
-    start = time.perf_counter()
-    cache = DynamicCache(config=target.config)
-    out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1)
-    result, forwards = [], 1
-    while not _finish(_choose(out.logits[0], acceptance, generator).tolist(), result, max_new_tokens, eos):
-        out = target_forward(target, torch.tensor([[result[-1]]], device=input_ids.device), past_key_values=cache,
-                             logits_at=1)
-        forwards += 1
-    return GenerationResult(result, forwards, seconds=time.perf_counter() - start)
+class StepClock:
+    """Where the loop's time goes, part by part and step by step (inference.profile_step, inference.calibrate):
+      draft   the proposer: propose, and update with what was accepted
+      tree    the verify forward's inputs: positions and attention mask
+      verify  the target's forward pass
+      accept  choosing the accepted path and the next token (reads the logits back)
+      cache   compacting the target's KV cache to the accepted path
+      other   the rest: bookkeeping between steps
+    On a GPU each lap waits for the queued work, so its time lands on the part that launched it."""
+    PARTS = ("draft", "tree", "verify", "accept", "cache", "other")
+
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+        self._sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+        self._last = 0.0
+
+    def start_step(self) -> None:
+        self._sync()
+        self.steps.append(dict.fromkeys(self.PARTS, 0.0))
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.steps[-1][part] += now - self._last
+        self._last = now
+
+
+def _no_lap(part: str) -> None:
+    pass
+
+
+@dataclass
+class Decoding:
+    """One sequence in the verification loop: the target's KV cache, its dtype and device, and `root`, the token
+    the target chose last (not yet in the cache)."""
+    cache: DynamicCache
+    root: int
+    feature_layers: list[int] | None   # the proposer's (EAGLE-3): the target returns these layers' outputs
+    dtype: torch.dtype
+    device: torch.device
+
+    def features(self, out) -> torch.Tensor:
+        """What the proposer reads of a target output: [1, T, H] last hidden states or [1, T, F] layer outputs."""
+        return out.features if self.feature_layers else out.hidden_states
+
+
+def prefill(target: PreTrainedModel, input_ids: torch.Tensor, feature_layers: list[int] | None,
+            acceptance: Acceptance, generator: torch.Generator | None) -> tuple[Decoding, torch.Tensor]:
+    """The prompt's forward: fills the cache and chooses the first token. Returns the decoding state and what
+    the proposer reads of the prompt ([T, H] hidden states, or [T, F] feature_layers outputs) for its begin()."""
+    cache = growing_cache(target.config)
+    out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1, feature_layers=feature_layers)
+    seq = Decoding(cache, int(_choose(out.logits[0], acceptance, generator)[0]), feature_layers,
+                   out.hidden_states.dtype, input_ids.device)
+    return seq, seq.features(out)[0]
+
+
+def verify_step(target: PreTrainedModel, proposer: Proposer, seq: Decoding, acceptance: Acceptance,
+                generator: torch.Generator | None, clock: StepClock | None = None) -> list[int]:
+    """Draft -> verify in one forward -> keep the longest accepted path. Returns the new tokens: the accepted
+    drafts, then the target's bonus token (the next root). A root-only proposal is a plain decoding step."""
+    lap = clock.lap if clock is not None else _no_lap
+    if clock is not None:
+        clock.start_step()
+    tree = proposer.propose(seq.root)
+    lap("draft")
+    tokens = tree.tokens.tolist()
+    prefix_len = seq.cache.get_seq_length()
+    shape = tree_shape(tuple(tree.parents), seq.device, seq.dtype)
+    ids = tree.tokens.to(seq.device)[None]                                     # [1, N]
+    mask = None if len(tree) == 1 else shape.attention_mask(prefix_len)
+    lap("tree")
+    out = target_forward(target, ids, past_key_values=seq.cache, position_ids=(prefix_len + shape.positions)[None],
+                         attention_mask=mask, feature_layers=seq.feature_layers)
+    lap("verify")
+    best, seq.root = _accept(tree, tokens, shape, out.logits[0], acceptance, generator)
+    path = tree.path_to(best)                                                   # [n], root first
+    lap("accept")
+    if len(tree) > 1:
+        keep_cache_entries(seq.cache, prefix_len, path)
+    lap("cache")
+    index = torch.tensor(path, device=seq.device)
+    proposer.update(ids[0, index], seq.features(out)[0, index])
+    lap("draft")
+    new = [tokens[i] for i in path[1:]] + [seq.root]
+    lap("other")
+    return new
 
 
 @torch.no_grad()
 def speculative_generate(target: PreTrainedModel, proposer: Proposer, input_ids: torch.Tensor,
                          max_new_tokens: int, eos: set[int], acceptance: Acceptance = Acceptance(),
-                         generator: torch.Generator | None = None) -> GenerationResult:
-    """Draft -> verify in one forward -> keep the longest accepted path (+ the target's bonus token)."""
+                         generator: torch.Generator | None = None, clock: StepClock | None = None) -> GenerationResult:
+    """Prefill, then verify steps until eos or max_new_tokens. clock: time each step's parts (StepClock)."""
     start = time.perf_counter()
-    cache = DynamicCache(config=target.config)
-    layers = getattr(proposer, "feature_layers", None)
-    out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1, feature_layers=layers)
-    proposer.begin(input_ids, (out.features if layers else out.hidden_states)[0])
+    seq, features = prefill(target, input_ids, getattr(proposer, "feature_layers", None), acceptance, generator)
+    proposer.begin(input_ids, features)
     result = GenerationResult([], forwards=1)
-    root = _choose(out.logits[0], acceptance, generator).tolist()
-    done = _finish(root, result.tokens, max_new_tokens, eos)
-    device = input_ids.device
+    done = _finish([seq.root], result.tokens, max_new_tokens, eos)
     while not done:
-        tree = proposer.propose(result.tokens[-1])
-        tree.tokens = tree.tokens.to(device)
-        prefix_len = cache.get_seq_length()
-        depths = torch.tensor(tree.depths(), device=device)
-        out = target_forward(
-            target, tree.tokens[None], past_key_values=cache, position_ids=(prefix_len + depths)[None],
-            attention_mask=tree_attention_mask(tree, prefix_len, out.hidden_states.dtype).to(device),
-            feature_layers=layers,
-        )
+        new = verify_step(target, proposer, seq, acceptance, generator, clock)
         result.forwards += 1
-        logits = out.logits[0]                                              # [N, V]
-        if acceptance.temperature > 0 and not acceptance.typical:
-            best, bonus = speculative_sampling(tree, logits, acceptance.temperature, generator)
-            bonus = [bonus]
-        else:
-            accepted = _accepted_nodes(tree, logits, acceptance)
-            best = max(range(len(tree)), key=lambda i: (accepted[i] and depths[i].item(), -i))
-            bonus = _choose(logits[best:best + 1], acceptance, generator).tolist()
-        path = torch.tensor(tree.path_to(best), device=device)             # [n], root first
-        keep_cache_entries(cache, prefix_len, path)
-        proposer.update(tree.tokens[path], (out.features if layers else out.hidden_states)[0, path])
-        result.accept_lengths.append(len(path) - 1)
-        done = _finish(tree.tokens[path[1:]].tolist() + bonus, result.tokens, max_new_tokens, eos)
+        result.accept_lengths.append(len(new) - 1)
+        done = _finish(new, result.tokens, max_new_tokens, eos)
     result.seconds = time.perf_counter() - start
+    return result
+
+
+class NoDraft:
+    """The proposer of plain decoding: the root alone, so every step is one target forward of one token."""
+
+    def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        pass
+
+    def propose(self, root: int) -> TokenTree:
+        return TokenTree(torch.tensor([root]), [-1])
+
+    def update(self, tokens: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        pass
+
+
+def plain_generate(target: PreTrainedModel, input_ids: torch.Tensor, max_new_tokens: int, eos: set[int],
+                   acceptance: Acceptance = Acceptance(), generator: torch.Generator | None = None) -> GenerationResult:
+    """Plain autoregressive decoding (the baseline, tau = 1): the verification loop without drafts, so that the
+    baseline and speculative decoding pay the same per-step bookkeeping."""
+    result = speculative_generate(target, NoDraft(), input_ids, max_new_tokens, eos, acceptance, generator)
+    result.accept_lengths = []
     return result

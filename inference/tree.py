@@ -8,6 +8,7 @@ position `prefix_len + depth` (the "tree attention" of Medusa / SpecInfer).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -67,10 +68,36 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def tree_attention_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, 1, N, prefix_len + N]: 0 where a node may attend, the dtype's minimum elsewhere."""
-    allowed = torch.cat([torch.ones(len(tree), prefix_len, dtype=torch.bool), tree.ancestor_mask()], dim=1)
-    return additive_mask(allowed, dtype)
+def tree_attention_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Additive mask [1, 1, N, prefix_len + N] on `device` (default: the CPU): 0 where a node may attend, the
+    dtype's minimum elsewhere."""
+    shape = tree_shape(tuple(tree.parents), torch.device(device or "cpu"), dtype)
+    return shape.attention_mask(prefix_len)
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """What verification needs of a tree's shape, built once per shape, dtype and device (tree_shape): a static
+    tree is verified with the same positions and mask block at every step."""
+    depths: list[int]            # [N]
+    positions: torch.Tensor      # [N] long: the depths, on the device
+    parents: torch.Tensor        # [N - 1] long: parents[1:], on the device
+    block: torch.Tensor          # [N, N] additive mask among the nodes: 0 on ancestors and self
+
+    def attention_mask(self, prefix_len: int) -> torch.Tensor:
+        """[1, 1, N, prefix_len + N]: every node sees the whole cache and its own ancestors."""
+        n = len(self.depths)
+        mask = torch.zeros(1, 1, n, prefix_len + n, dtype=self.block.dtype, device=self.block.device)
+        mask[0, 0, :, prefix_len:] = self.block
+        return mask
+
+
+@lru_cache(maxsize=256)
+def tree_shape(parents: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> TreeShape:
+    tree = TokenTree(torch.zeros(len(parents), dtype=torch.long), list(parents))
+    depths = tree.depths()
+    return TreeShape(depths, torch.tensor(depths, device=device), torch.tensor(parents[1:], device=device),
+                     additive_mask(tree.ancestor_mask(), dtype)[0, 0].to(device))
 
 
 def expected_accept_lengths(paths: list[tuple[int, ...]], accuracy: list[list[float]]) -> list[float]:

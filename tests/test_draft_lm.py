@@ -8,7 +8,7 @@ from drafters.draft_lm import (add_lora, build_draft_lm, check_draft_vocab, defa
                                save_draft)
 from data.vocab import frequent_tokens, token_coverage
 from inference.draft_lm_proposer import DraftLMProposer
-from inference.lookup import PromptLookup
+from inference.lookup import LookupProposer, PromptLookup
 from inference.speculative import speculative_generate
 
 EOS = {2}
@@ -317,9 +317,9 @@ def test_confidence_stop_shortens_chains_and_stays_lossless(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_prompt_lookup_steps_copy_without_drafting_and_stay_lossless(arch):
-    """lookup: where the sequence's last tokens occurred before, a step proposes the copy that followed them and
-    runs no draft forward; the draft cache catches up on the next drafted step, and decoding stays the target's
-    greedy output, with fewer draft forwards than drafting every step."""
+    """Prompt lookup beside a draft LM (inference.lookup.LookupProposer): copy steps run no draft forward; the
+    draft cache catches up on the next drafted step, and decoding stays the target's greedy output, with fewer
+    draft forwards than drafting every step."""
     target = make_tiny_target(arch)
     draft = build_draft_lm(target, 1, [0]).eval()
     calls = []
@@ -330,18 +330,20 @@ def test_prompt_lookup_steps_copy_without_drafting_and_stay_lossless(arch):
         draft_forwards = {}
         for lookup in (None, PromptLookup(3, 2, 4)):
             calls.clear()
-            proposer = DraftLMProposer(draft, k=3, adaptive=True, lookup=lookup)
+            proposer = DraftLMProposer(draft, k=3, adaptive=True)
+            if lookup is not None:
+                proposer = LookupProposer(proposer, lookup)
             result = speculative_generate(target, proposer, prompt, 40, EOS)
             assert result.tokens == reference
             draft_forwards[lookup is None] = len(calls)
-        assert proposer.lookup_steps > 0 and draft_forwards[False] < draft_forwards[True]
+        assert proposer.steps > 0 and draft_forwards[False] < draft_forwards[True]
     handle.remove()
-    proposer = DraftLMProposer(draft, k=3, lookup=PromptLookup(3, 2, 4))
+    proposer = LookupProposer(DraftLMProposer(draft, k=3), PromptLookup(3, 2, 4))
     proposer.begin(looped, None)
     tree = proposer.propose(42)  # "... 40 41 42": copy "43 44 40 41"
-    assert tree.tokens.tolist() == [42, 43, 44, 40, 41] and proposer.cache.get_seq_length() == 0
+    assert tree.tokens.tolist() == [42, 43, 44, 40, 41] and proposer.drafter.cache.get_seq_length() == 0
     proposer.update(tree.tokens[:3], None)  # 42 43 44 accepted: queued for the draft, in the lookup's sequence
-    assert proposer.pending == looped.tolist() + [42, 43, 44] and proposer.lookup_accepted == 2
+    assert proposer.drafter.pending == looped.tolist() + [42, 43, 44] and proposer.accepted == 2
     tree = proposer.propose(7)  # "44 7" never occurred: the draft feeds everything queued, then drafts
-    assert proposer.cache.get_seq_length() == len(looped) + 3 + 3 and proposer.pending == []
+    assert proposer.drafter.cache.get_seq_length() == len(looped) + 3 + 3 and proposer.drafter.pending == []
     assert proposer.lookup.tokens == looped.tolist() + [42, 43, 44, 7]

@@ -35,7 +35,7 @@ def test_bad_options_are_refused(options, message):
 
 @pytest.mark.parametrize("kind, options, message", [
     ("medusa", dict(compare_hf=True), r"eval\.compare_hf=True is for draft_lm drafters; this drafter is medusa"),
-    ("eagle", dict(prompt_lookup=3), r"eval\.prompt_lookup=3 is for draft_lm drafters; this drafter is eagle"),
+    ("eagle", dict(draft_k=3), r"eval\.draft_k=3 is for draft_lm drafters; this drafter is eagle"),
     ("medusa", dict(draft_dtype="bfloat16"), r"eval\.draft_dtype='bfloat16' is for draft_lm drafters"),
     ("draft_lm", dict(tree_depth=3), r"eval\.tree_depth=3 is for eagle drafters; this drafter is draft_lm"),
     ("medusa", dict(tree="dynamic"), r"eval\.tree='dynamic' \(EAGLE-2 dynamic trees\) is for eagle drafters"),
@@ -47,8 +47,8 @@ def test_options_of_other_kinds_are_refused(kind, options, message):
 
 def test_a_kind_takes_its_own_options():
     EvalConfig(draft_siblings=2, sibling_depth=3, prompt_lookup=3, draft_dtype="bfloat16").check_kind("draft_lm")
-    EvalConfig(tree="dynamic", tree_depth=3, tree_topk=2).check_kind("eagle")
-    EvalConfig(tree="[[0], [0, 0], [1]]", max_tree_nodes=8).check_kind("medusa")
+    EvalConfig(tree="dynamic", tree_depth=3, tree_topk=2, prompt_lookup=3).check_kind("eagle")
+    EvalConfig(tree="[[0], [0, 0], [1]]", max_tree_nodes=8, prompt_lookup=3).check_kind("medusa")
 
 
 def test_training_config_refuses_at_startup_what_evaluation_would():

@@ -37,7 +37,8 @@ def saved(tmp_path_factory):
 def test_evaluate_cli_writes_report_and_is_lossless(saved, capsys):
     out = saved["root"] / "eval.json"
     main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
-          "--output", str(out), "--max-new-tokens", "24", "--check-lossless", "--max-tree-nodes", "8"])
+          "--output", str(out), "--max-new-tokens", "24", "--check-lossless", "--max-tree-nodes", "8",
+          "--min-speedup", "0.01"])
     report = json.loads(out.read_text())
     assert report["lossless"] == {"checked": 5, "mismatches": 0}  # 4 questions, one with two turns
     assert set(report["per_category"]) == {"writing", "qa"}
@@ -158,10 +159,10 @@ def test_draft_dtype_is_refused_for_heads_and_unknown_names(saved, capsys):
                          EvalConfig(questions=saved["questions"], max_new_tokens=4, draft_dtype="bfloat16"))
 
 
-def test_prompt_lookup_is_reported_lossless_and_refused_for_heads(saved, capsys):
+def test_prompt_lookup_is_reported_lossless_for_every_kind(saved, capsys):
     """--prompt-lookup: draftsmith's loop copies where the sequence repeats itself (tiny random targets loop)
-    and drafts elsewhere; the report counts the lookup steps, the output stays the target's greedy output, and
-    the flag is refused for Medusa heads and for n-grams under 2."""
+    and drafts elsewhere, beside a draft LM and beside Medusa heads alike; the report counts the lookup steps,
+    the output stays the target's greedy output, and n-grams under 2 are refused."""
     target, tokenizer = load_target(saved["target"])
     draft = build_draft_lm(target, 1, [0])
     config = EvalConfig(questions=saved["questions"], max_new_tokens=24, check_lossless=True, compare_hf=True,
@@ -177,16 +178,16 @@ def test_prompt_lookup_is_reported_lossless_and_refused_for_heads(saved, capsys)
     assert "transformers prompt lookup (no draft), same prompts:" in format_table(report)
     assert f"prompt lookup: {setup['lookup_steps']} of {report['overall']['verify_steps']} steps" in \
         format_table(report)
-    base = ["--target", saved["target"], "--questions", saved["questions"], "--max-new-tokens", "4"]
-    with pytest.raises(SystemExit):
-        main(base + ["--drafter", saved["drafter"], "--prompt-lookup", "3"])
-    assert "--prompt-lookup=3 is for draft_lm drafters; this drafter is medusa" in capsys.readouterr().err
+    out = saved["root"] / "lookup.json"
+    base = ["--target", saved["target"], "--questions", saved["questions"], "--max-new-tokens", "24"]
+    main(base + ["--drafter", saved["drafter"], "--prompt-lookup", "3", "--tree", "chain", "--check-lossless",
+                 "--output", str(out)])
+    medusa = json.loads(out.read_text())
+    assert medusa["lossless"] == {"checked": 5, "mismatches": 0}
+    assert 0 < medusa["setup"]["proposer"]["lookup_steps"] <= medusa["overall"]["verify_steps"]
     with pytest.raises(SystemExit):
         main(base + ["--drafter", saved["drafter"], "--prompt-lookup", "1"])
     assert "--prompt-lookup=1 is the longest n-gram matched: >= 2, or 0 (off)" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="eval.prompt_lookup=3 is for draft_lm drafters"):
-        evaluate_drafter(target, tokenizer, load_drafter(saved["drafter"], target),
-                         EvalConfig(questions=saved["questions"], max_new_tokens=4, prompt_lookup=3))
 
 
 def test_repeated_ngrams_counts_tokens_that_end_an_earlier_ngram():

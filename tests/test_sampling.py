@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_tiny_target
 from inference.draft_lm_proposer import DraftLMProposer
-from inference.lookup import PromptLookup
+from inference.lookup import LookupProposer, PromptLookup
 from inference.speculative import Acceptance, plain_generate, speculative_generate, speculative_sampling
 from inference.tree import TokenTree
 
@@ -98,18 +98,35 @@ def test_speculative_sampling_end_to_end_matches_target_distribution(arch, draft
     assert chi_square_p_value(draft_counts, exact) < 1e-6
 
 
-def test_speculative_sampling_with_prompt_lookup_matches_target_distribution():
-    """Steps answered by prompt lookup propose deterministic copies (point masses) between sampled drafts: the
-    output is still distributed as the target's own samples."""
+def lookup_beside(kind: str, target, draft, gen):
+    """Prompt lookup beside a sampled draft LM's chains, or beside deterministic Medusa / EAGLE-3 trees."""
+    from drafters import EagleModel, MedusaModel
+    from inference.eagle_proposer import EagleProposer
+    from inference.proposers import MedusaProposer
+
+    if kind == "draft_lm":
+        drafter = DraftLMProposer(draft, k=2, temperature=1.0, generator=gen)
+    elif kind == "medusa":
+        torch.manual_seed(0)
+        drafter = MedusaProposer(MedusaModel.from_target(target, num_heads=2).eval(), [(0,), (1,), (0, 0)])
+    else:
+        drafter = EagleProposer(EagleModel.from_target(target, version=3).eval(), "dynamic", depth=2, topk=2, nodes=4)
+    return LookupProposer(drafter, PromptLookup(2, 2, 2))
+
+
+@pytest.mark.parametrize("kind", ["draft_lm", *(pytest.param(k, marks=pytest.mark.slow) for k in ("medusa", "eagle3"))])
+def test_speculative_sampling_with_prompt_lookup_matches_target_distribution(kind):
+    """Steps answered by prompt lookup propose deterministic copies (point masses q = 1 on the copied token)
+    between the drafter's proposals: the output is still distributed as the target's own samples."""
     target, draft = tiny_pair("llama")
     prompt = torch.tensor([1, 3, 0, 2, 1, 3, 0, 2, 1, 2, 3, 0])  # every bigram but a few occurred: copies happen
     exact = exact_sequence_probs(target, prompt, NEW)
     gen = torch.Generator().manual_seed(2)
-    proposer = DraftLMProposer(draft, k=2, temperature=1.0, generator=gen, lookup=PromptLookup(2, 2, 2))
+    proposer = lookup_beside(kind, target, draft, gen)
     counts = counts_of(lambda: speculative_generate(target, proposer, prompt, NEW, eos=set(),
                                                     acceptance=Acceptance(1.0), generator=gen).tokens, 1500)
     assert chi_square_p_value(counts, exact) > 1e-3
-    assert 0 < proposer.lookup_accepted and 0 < proposer.lookup_steps < 1500 * NEW  # copies, some accepted
+    assert 0 < proposer.accepted and 0 < proposer.steps < 1500 * NEW  # copies, some accepted
     draft_counts = counts_of(lambda: plain_generate(draft, prompt, NEW, set(), Acceptance(1.0), gen).tokens, 1500)
     assert chi_square_p_value(draft_counts, exact) < 1e-6  # the control: the test tells distributions apart
 

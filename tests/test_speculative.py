@@ -121,11 +121,11 @@ def test_keep_cache_entries_moves_accepted_path(tiny_target):
     cache = DynamicCache(config=tiny_target.config)
     target_forward(tiny_target, torch.tensor([[1, 2, 3, 4, 5, 6]]), past_key_values=cache)
     before = cache.layers[0].keys.clone()
-    keep_cache_entries(cache, prefix_len=2, keep=torch.tensor([0, 2, 3]))
+    keep_cache_entries(cache, prefix_len=2, keep=[0, 2, 3])
     after = cache.layers[0].keys
     assert after.shape[2] == 5
     assert torch.equal(after[:, :, :2], before[:, :, :2]) and torch.equal(after[:, :, 2:], before[:, :, [2, 4, 5]])
-    keep_cache_entries(cache, prefix_len=1, keep=torch.tensor([0, 1]))  # an accepted prefix: cut, nothing moves
+    keep_cache_entries(cache, prefix_len=1, keep=[0, 1])  # an accepted prefix: cut, nothing moves
     assert torch.equal(cache.layers[0].keys, torch.cat([before[:, :, :2], before[:, :, [2]]], dim=2))
 
 
