@@ -24,13 +24,16 @@ import re
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import datasets
 import jinja2
 
+from cli.files import file_record, record_problem, reporting_full_disk
 from data.conversations import LoadReport, load_conversations
 
-CACHE_VERSION = 1  # bump when the tokenization rules change: old caches then stop matching
+CACHE_VERSION = 2  # bump when the tokenization rules or the cache layout change: old caches then stop matching
+CACHE_FILES = "files.json"  # size and CRC-32 of every file of a token cache, checked before it is used
 FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),  # [T]
     "loss_mask": datasets.List(datasets.Value("int8")),  # [T], 1 on assistant tokens
@@ -260,9 +263,13 @@ def _save_atomically(dataset: datasets.Dataset, report: LoadReport, final_dir: s
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final_dir)}.tmp-")
     try:
-        dataset.save_to_disk(os.path.join(tmp, "dataset"))
-        with open(os.path.join(tmp, "report.json"), "w") as f:
-            json.dump(report.to_json(), f)
+        with reporting_full_disk(parent, "the token cache"):
+            dataset.save_to_disk(os.path.join(tmp, "dataset"))
+            with open(os.path.join(tmp, "report.json"), "w") as f:
+                json.dump(report.to_json(), f)
+            files = file_record(Path(tmp))
+            with open(os.path.join(tmp, CACHE_FILES), "w") as f:
+                json.dump(files, f)
         os.rename(tmp, final_dir)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -270,11 +277,28 @@ def _save_atomically(dataset: datasets.Dataset, report: LoadReport, final_dir: s
             raise
 
 
-def _load_cached(final_dir: str) -> tuple[datasets.Dataset, LoadReport]:
-    with open(os.path.join(final_dir, "report.json")) as f:
-        report = LoadReport.from_json(json.load(f))
+def _load_cached(final_dir: str) -> tuple[datasets.Dataset, LoadReport] | str:
+    """The cached dataset and report, or what is wrong with the cache (a damaged file, or one written before
+    caches recorded their files)."""
+    try:
+        with open(os.path.join(final_dir, CACHE_FILES)) as f:
+            problem = record_problem(Path(final_dir), json.load(f))
+        if problem is not None:
+            return problem
+        with open(os.path.join(final_dir, "report.json")) as f:
+            report = LoadReport.from_json(json.load(f))
+        dataset = datasets.load_from_disk(os.path.join(final_dir, "dataset"))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{type(err).__name__}: {err}"
     report.notes.append(f"loaded from token cache {final_dir} (not re-tokenized)")
-    return datasets.load_from_disk(os.path.join(final_dir, "dataset")), report
+    return dataset, report
+
+
+def _discard(final_dir: str) -> None:
+    """Move a damaged cache out of the way (a rename: readers never see it half-deleted), then delete it."""
+    doomed = tempfile.mkdtemp(dir=os.path.dirname(final_dir), prefix=f".{os.path.basename(final_dir)}.damaged-")
+    os.rename(final_dir, os.path.join(doomed, "cache"))
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def build_token_dataset(source: str, tokenizer, max_length: int, cache_dir: str | None = None,
@@ -289,11 +313,18 @@ def build_token_dataset(source: str, tokenizer, max_length: int, cache_dir: str 
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     _require_chat_template(tokenizer)
     final_dir = os.path.join(cache_dir, cache_key(source, tokenizer, max_length, limit)) if cache_dir else None
+    damaged = None
     if final_dir and os.path.isdir(final_dir):
-        return _load_cached(final_dir)
+        cached = _load_cached(final_dir)
+        if not isinstance(cached, str):
+            return cached
+        damaged = cached
+        _discard(final_dir)
     columns, report = _tokenize_all(source, tokenizer, max_length, limit)
     dataset = datasets.Dataset.from_dict(columns, features=FEATURES)
     if final_dir:
         _save_atomically(dataset, report, final_dir)
         report.notes.append(f"saved token cache {final_dir}")
+    if damaged is not None:
+        report.notes.append(f"the token cache there was damaged ({damaged}): tokenized again")
     return dataset, report

@@ -199,6 +199,14 @@ def save_draft(model: PreTrainedModel | PeftModel, path: str | Path, merged: boo
         peft_config.base_model_name_or_path = base_id
 
 
+def check_complete(loading_info: dict, path) -> None:
+    """Refuse weights that from_pretrained did not find in the folder: they would be random."""
+    missing = sorted(loading_info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(f"{path} lacks weights for {shown}; they would be random")
+
+
 def _adapter_base(path: Path) -> str:
     """The base model an adapter folder names: `base/` inside it, or a checkpoint path / Hub id."""
     base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -219,7 +227,8 @@ def load_draft_lm(path: str | Path, target: PreTrainedModel | None = None, train
         model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
         config = base.config
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        check_complete(info, path)
         config = model.config
     if target is not None:
         check_draft_vocab(config, target.config)

@@ -50,19 +50,31 @@ def load_target(
     torch_dtype = to_torch_dtype(dtype)
     source = _resolve_source(name_or_path, revision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision)
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision,
+                                                           output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except OSError as err:
         raise OSError(
             f"could not load target {name_or_path!r} from {source}: {err}\nGive an embedded name "
             f"({', '.join(EMBEDDED_TARGETS)}), a local checkpoint directory, or a Hub id reachable from this machine."
         ) from err
+    _check_all_weights_loaded(info, name_or_path)
     if name_or_path in EMBEDDED_TARGETS:
         model.config.name_or_path = name_or_path
         model.name_or_path = name_or_path
         tokenizer.name_or_path = name_or_path
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer
+
+
+def _check_all_weights_loaded(info: dict, name_or_path: str) -> None:
+    """A checkpoint without some weights (a base model has no LM head) loads with random values in their place:
+    drafters would learn, and evaluations measure, a random model."""
+    missing = sorted(info.get("missing_keys") or []) + sorted(k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(f"target {name_or_path!r} lacks weights for {shown}: they would be random. Give a complete "
+                         "causal-LM checkpoint (with its LM head), not a base model")
 
 
 def _resolve_source(name_or_path: str, revision: str | None) -> str:

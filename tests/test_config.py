@@ -156,3 +156,56 @@ def test_entry_point_accepts_launcher_local_rank_and_overrides(launcher_args):
     cfg, local_rank = parse_args(launcher_args + ["--config", tiny, "training.lr=3e-4", "output_dir=/tmp/x"])
     assert local_rank == (1 if launcher_args else None)
     assert cfg.training.lr == 3e-4 and cfg.output_dir == "/tmp/x"
+
+
+def float_keys() -> list[str]:
+    """Every float field of every section (each drafter kind's too), as a dotted key with the kind it needs."""
+    import dataclasses
+    import typing
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from walk(hint, f"{prefix}{f.name}.")
+            elif float in (hint, *typing.get_args(hint)) and typing.get_origin(hint) not in (list, dict):
+                yield f"{prefix}{f.name}"  # (float lists and mappings: checked below)
+    keys = [(k, "medusa") for k in walk(TrainConfig, "") if not k.startswith("drafter.")]
+    for kind, cls in DRAFTER_SECTIONS.items():
+        keys += [(k, kind) for k in walk(cls, "drafter.")]
+    return keys
+
+
+def test_every_float_field_refuses_inf_and_nan(tmp_path):
+    """lr=inf or grad_clip=inf trained a NaN drafter that was saved with exit 0: no float field takes inf or nan, from
+    the command line or from YAML (`.inf`), whatever its own range check."""
+    keys = float_keys()
+    assert {("training.lr", "medusa"), ("training.grad_clip", "medusa"), ("training.head_decay", "medusa"),
+            ("eval.temperature", "medusa"), ("drafter.temperature", "draft_lm")} <= set(keys)
+    for key, kind in keys:
+        for value in ("inf", "-inf", "nan"):
+            with pytest.raises(ConfigError, match=rf"{re.escape(key)}='{value}' is not a finite number"):
+                load_config(None, REQUIRED + [f"drafter.kind={kind}", f"{key}={value}"])
+    with pytest.raises(ConfigError, match=r"c\.yaml: training\.lr=inf is not a finite number"):
+        load_config(write(tmp_path, "target: a\noutput_dir: b\ntraining:\n  lr: .inf\n"))
+    with pytest.raises(ConfigError, match=r"training\.betas\[1\]=nan is not a finite number"):
+        load_config(None, REQUIRED + ["training.betas=[0.9, .nan]"])
+    with pytest.raises(ConfigError, match=r"drafter\.losses\.ce=inf is not a finite number"):
+        load_config(None, REQUIRED + ["drafter.kind=draft_lm", "drafter.losses={ce: .inf}"])
+
+
+@pytest.mark.parametrize("key", ["target", "output_dir", "data.train", "checkpoint.resume"])
+def test_empty_text_is_refused(key, tmp_path):
+    """`output_dir=` (empty) silently meant the current directory."""
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} is empty; give it a value"):
+        load_config(None, REQUIRED + [f"{key}="])
+    with pytest.raises(ConfigError, match=rf"c\.yaml: {re.escape(key)} is empty"):
+        load_config(write(tmp_path, f"target: a\noutput_dir: b\n{key.split('.')[0]}:" + (
+            f"\n  {key.split('.')[1]}: ''\n" if "." in key else " ''\n")))
+
+
+def test_timeout_is_a_positive_number_of_minutes():
+    assert load_config(None, REQUIRED).training.timeout_minutes == 30.0
+    assert load_config(None, REQUIRED + ["training.timeout_minutes=0.5"]).training.timeout_minutes == 0.5
+    with pytest.raises(ConfigError, match=r"training\.timeout_minutes=0\.0 must be > 0"):
+        load_config(None, REQUIRED + ["training.timeout_minutes=0"])

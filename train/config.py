@@ -11,6 +11,7 @@ DRAFTER_SECTIONS.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -155,8 +156,10 @@ class TrainingConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"  # drafter weights/compute in the DeepSpeed engine
     target_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    timeout_minutes: float = 30.0  # a collective between ranks that waits longer (a frozen or dead peer) ends the run
 
     def __post_init__(self):
+        _check(self.timeout_minutes > 0, "training.timeout_minutes", self.timeout_minutes, "must be > 0")
         _check(self.epochs >= 1, "training.epochs", self.epochs, "must be >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "training.max_steps", self.max_steps,
                "must be >= 1 or null")
@@ -349,9 +352,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if value is None:
         raise ConfigError(f"{key} cannot be null; give a {hint.__name__}")
     try:
-        return _scalar(value, hint, is_text)
+        parsed = _scalar(value, hint, is_text)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r} is not a valid {hint.__name__}") from None
+    _check_scalar(parsed, key, value)
+    return parsed
+
+
+def _check_scalar(parsed: Any, key: str, value: Any) -> None:
+    """Rules for every field of a type: an inf/nan number trains into a NaN drafter that is saved with exit 0, and an
+    empty text (`output_dir=`) silently means the current directory."""
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        raise ConfigError(f"{key}={value!r} is not a finite number; give a finite value")
+    if isinstance(parsed, str) and not parsed.strip():
+        raise ConfigError(f"{key} is empty; give it a value")
 
 
 def _scalar(value: Any, hint: type, is_text: bool) -> Any:

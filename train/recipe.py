@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from train import trainer  # first: it sets DS_ACCELERATOR before anything imports deepspeed
+from cli.files import reporting_full_disk  # noqa: E402
 from data.batching import collate, length_bucketed_batches, padding_fraction  # noqa: E402
 from data.embedded import resolve_data  # noqa: E402
 from data.tokenize import build_token_dataset  # noqa: E402
@@ -30,7 +32,9 @@ from drafters.provenance import record_provenance  # noqa: E402
 from drafters.vocab import draftsmith_meta  # noqa: E402
 from target.model import load_target  # noqa: E402
 from train import kinds  # noqa: E402
+from train import run_dir  # noqa: E402
 from train.config import ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
+from train.watchdog import StallWatch  # noqa: E402
 
 
 @dataclass
@@ -65,32 +69,59 @@ class Recipe:
 
     def setup(self) -> None:
         cfg, tc = self.cfg, self.cfg.training
-        self.d = d = trainer.init_distributed(self.local_rank)
+        self.d = d = trainer.init_distributed(self.local_rank, tc.timeout_minutes)
         trainer.seed_everything(tc.seed)
         self.out = Path(cfg.output_dir)
-        if d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, str(self.out / "config.yaml"))
+        resume = trainer.on_main(d, self._claim_output_dir)
         self.target, self.tokenizer = load_target(cfg.target, dtype=tc.target_dtype, device=str(d.device))
         self._setup_data()
         self.objective = self.build_objective()
         self.engine = trainer.build_engine(self.objective, tc, self.total_steps)
         self.step, self.position = 0, (0, 0)  # optimizer steps done; (epoch, next micro-batch) in the data
-        resume = trainer.resume_path(cfg.checkpoint, cfg.output_dir)
         if resume is not None:
             state = trainer.load_checkpoint(self.engine, resume, d)
             self.step, self.position = state["step"], (state["epoch"], state["batch"])
             self._print(f"resumed from {resume} at step {self.step} (epoch {state['epoch']}, batch {state['batch']})")
         self.metrics = trainer.MetricsLog(cfg.output_dir, cfg.logging, d, self.total_steps, self.step, cfg.to_dict())
 
+    def _claim_output_dir(self) -> Path | None:
+        """Main rank, before anything is written: lock the output folder for this run, pick the checkpoint to resume
+        from and check it was made with this config, then record the config. Returns the checkpoint (or None)."""
+        cfg = self.cfg
+        run_dir.prepare_output_dir(cfg.output_dir)
+        self.lock = run_dir.OutputDirLock(self.out)
+        resume = trainer.resume_path(cfg.checkpoint, cfg.output_dir, say=self._print)
+        self._check_same_run(resume)
+        with reporting_full_disk(self.out, "config.yaml"):
+            dump_config(cfg, str(self.out / "config.yaml"))
+        return resume
+
+    def _check_same_run(self, resume: Path | None) -> None:
+        """Continuing a checkpoint, or replacing a finished run's results, needs the settings they were made with."""
+        recorded = self.out / "config.yaml"
+        if resume is not None:
+            saved = trainer.checkpoint_config(resume)
+            where = resume if saved is not None else recorded
+            if saved is None and recorded.is_file():
+                saved = yaml.safe_load(recorded.read_text())
+            advice = ("resume with those settings (training.max_steps, epochs, stop_after and the logging, "
+                      "checkpoint, eval and push sections may change), or give another output_dir")
+        elif recorded.is_file() and (self.out / "drafter").exists():
+            saved, where = yaml.safe_load(recorded.read_text()), recorded
+            advice = "give another output_dir, or delete the finished run there first"
+        else:
+            return
+        if saved is not None:
+            run_dir.check_same_run(saved, self.cfg.to_dict(), str(where), advice)
+
     def _setup_data(self) -> None:
         cfg, d = self.cfg.data, self.d
         source = resolve_data(cfg.train)
         if not d.is_main:
-            torch.distributed.barrier()  # wait while the main rank fills the token cache, then read it
+            d.wait_for_main()  # wait while the main rank fills the token cache, then read it
         self.ds, report = build_token_dataset(source, self.tokenizer, cfg.max_length, cfg.cache_dir, cfg.limit)
         if d.is_main:
-            torch.distributed.barrier()
+            d.wait_for_main()
         self.lengths = list(self.ds["length"])
         n = len(self.lengths)
         held = min(cfg.holdout_max, int(n * cfg.holdout_fraction))
@@ -154,21 +185,32 @@ class Recipe:
 
     def train(self) -> bool:
         """Run to training.max_steps / epochs; False if training.stop_after ended it first (after a checkpoint)."""
+        self.stall = StallWatch(self.d.rank, self.cfg.training.timeout_minutes)
+        try:
+            return self._train()
+        finally:
+            self.stall.close()
+
+    def _train(self) -> bool:
         cfg, engine = self.cfg, self.engine
         window = trainer.Window(self.num_stats)
         epoch, start = self.position
+        nonfinite = 0  # micro-batches of this optimizer step with an inf/nan loss
         while self.step < self.total_steps:
             batches = self.epoch_batches(epoch)
             for i in range(start, len(batches)):
                 batch = self.batch(batches[i])
                 lr = engine.get_lr()[0]
                 loss, stats = engine(**batch)  # the target under no_grad; the drafter at supervised positions
+                nonfinite += not bool(torch.isfinite(loss))
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps optimizer + scheduler every training.grad_accum micro-batches
                 window.add(loss, stats, batch)
                 if engine.global_steps == self.step:
                     continue  # inside a gradient-accumulation cycle
                 self.step, self.position = engine.global_steps, (epoch, i + 1)
+                trainer.stop_if_not_finite(nonfinite, self.step, self.d, cfg.output_dir)
+                self.stall.beat(self.step)
                 self.metrics.step()
                 last = self.step == self.total_steps
                 if self.step % cfg.logging.log_every == 0 or last:
@@ -189,14 +231,16 @@ class Recipe:
     def save_checkpoint(self) -> None:
         epoch, batch = self.position
         state = {"step": self.step, "epoch": epoch, "batch": batch, "world_size": self.d.world_size}
+        trainer.check_finite_weights(self.engine.module.drafter, self.d, f"the drafter at step {self.step}",
+                                     self.cfg.output_dir)
         trainer.save_checkpoint(self.engine, self.cfg.output_dir, self.step, state, self.d,
-                                self.cfg.checkpoint.keep_last)
+                                self.cfg.checkpoint.keep_last, self.cfg.to_dict())
 
     # --- save --------------------------------------------------------------------------------------------------
 
     def save(self) -> torch.nn.Module | None:
-        """Main rank: rebuild and measure the trained drafter, save it to <output_dir>/drafter (atomically),
-        evaluate it into eval.json, push it if push.repo_id is set."""
+        """Main rank: rebuild and measure the trained drafter, save it to <output_dir>/drafter (atomically)."""
+        trainer.check_finite_weights(self.engine.module.drafter, self.d, "the trained drafter", self.cfg.output_dir)
         state = trainer.gathered_state_dict(self.engine.module.drafter, self.d.is_main)  # collective under ZeRO-3
         if not self.d.is_main:
             return None
@@ -205,18 +249,23 @@ class Recipe:
         record_provenance(drafter.config, self.cfg.drafter.kind, self.target.config, self.cfg.target)
         final = self.out / "drafter"
         tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".drafter.tmp-"))
-        self.save_drafter(drafter, tmp)
+        with reporting_full_disk(self.out, "the drafter"):
+            self.save_drafter(drafter, tmp)
         trainer.publish_dir(tmp, final)
         self._print(f"saved drafter to {final}")
+        return drafter
+
+    def publish(self, drafter: torch.nn.Module) -> None:
+        """Main rank, once the other ranks have left: evaluate the drafter into eval.json, push it if push.repo_id
+        is set (no rank waits on these, however long they take)."""
         cfg = self.cfg
         if cfg.eval.questions:
             self.evaluate(drafter)
         if cfg.push.repo_id:
             from train.push import push_drafter
             eval_path = self.out / "eval.json"
-            push_drafter(str(final), cfg.push.repo_id, private=cfg.push.private,
+            push_drafter(str(self.out / "drafter"), cfg.push.repo_id, private=cfg.push.private,
                          eval_path=str(eval_path) if eval_path.is_file() else None)
-        return drafter
 
     def evaluate(self, drafter: torch.nn.Module) -> None:
         from inference.evaluate import evaluate_drafter
@@ -234,7 +283,12 @@ class Recipe:
             self.metrics.close()
         if getattr(self, "engine", None) is not None:
             self.engine.destroy()
-        trainer.shutdown_distributed(clean)
+        trainer.shutdown_distributed(clean, getattr(self, "d", None))
+
+    def release(self) -> None:
+        """Unlock the output folder (last: after the evaluation has written into it)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
 
     def _print(self, message: str) -> None:
         if self.d.is_main:
@@ -245,13 +299,18 @@ def run(recipe_cls: type[Recipe], cfg: TrainConfig, local_rank: int | None = Non
     """Train (or resume) as configured; every rank calls this."""
     recipe = recipe_cls(cfg, local_rank)
     try:
-        recipe.setup()
-        finished = recipe.train()
-        drafter = recipe.save() if finished else None
-    except BaseException:
-        recipe.cleanup(clean=False)
-        raise
-    recipe.cleanup()
+        try:
+            recipe.setup()
+            finished = recipe.train()
+            drafter = recipe.save() if finished else None
+        except BaseException:
+            recipe.cleanup(clean=False)
+            raise
+        recipe.cleanup()
+        if drafter is not None:
+            recipe.publish(drafter)  # main rank, after the other ranks have left
+    finally:
+        recipe.release()
     return TrainResult(Path(cfg.output_dir), recipe.step, finished, drafter, recipe.target)
 
 

@@ -23,12 +23,20 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"
 import deepspeed  # noqa: E402
 
-from .config import CheckpointConfig, LoggingConfig, TrainingConfig  # noqa: E402
+import yaml  # noqa: E402
 
-# Rank 0 may evaluate for many minutes while the other ranks wait in the final barrier: allow for it.
-PROCESS_GROUP_TIMEOUT = timedelta(hours=3)
+from cli.errors import NoSpaceLeft, UserError  # noqa: E402
+from cli.files import file_record, record_problem, reporting_full_disk  # noqa: E402
+from .config import CheckpointConfig, LoggingConfig, TrainingConfig  # noqa: E402
+from .ds_extensions import skip_unused_extensions, watch_build_locks  # noqa: E402
+
+DEFAULT_TIMEOUT_MINUTES = 30.0  # training.timeout_minutes: collectives during training
+# The other ranks wait while the main rank does one-off work (fills the token cache, measures and saves the drafter):
+# those waits have their own, long limit, so that a slow tokenization does not end the run.
+MAIN_RANK_WORK_TIMEOUT = timedelta(hours=6)
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE.json"  # written by rank 0 once every rank has finished writing the checkpoint
+CHECKPOINT_CONFIG = "config.yaml"  # the run's config, in each checkpoint: a resume must match it
 
 
 # --- processes -------------------------------------------------------------------------------------------------
@@ -40,20 +48,55 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    main_work_group: object = None  # gloo group with MAIN_RANK_WORK_TIMEOUT (None with one rank)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def wait_for_main(self) -> None:
+        """Barrier around the main rank's one-off work (long timeout; nothing to wait for with one rank)."""
+        if self.main_work_group is not None:
+            dist.barrier(group=self.main_work_group)
+
+
+class MainRankFailed(SystemExit):
+    """Raised on the other ranks when the main rank's step failed: they exit quietly (status 1), the main rank says
+    why."""
+
+    def __init__(self):
+        super().__init__(1)
+
+
+def on_main(d: Dist, work):
+    """`work()` on the main rank only, its result given to every rank; if it raises, every rank stops (none is left
+    waiting in a collective for a rank that has gone)."""
+    result, error = None, None
+    if d.is_main:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 (re-raised below, after the other ranks are told)
+            error = err
+    if d.world_size > 1:
+        box = [error is not None, result]
+        dist.broadcast_object_list(box, src=0, group=d.main_work_group)
+        if box[0] and not d.is_main:
+            raise MainRankFailed()
+        result = box[1]
+    if error is not None:
+        raise error
+    return result
+
 
 _ENV_WE_SET: list[str] = []  # single-process defaults, removed again by shutdown_distributed
 
 
-def init_distributed(local_rank: int | None = None) -> Dist:
+def init_distributed(local_rank: int | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Dist:
     """Join (or, run as a plain `python` process, create) the process group: gloo on CPU, nccl on CUDA.
 
     deepspeed and torchrun export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; a plain process gets a one-rank group on a
-    free local port. `local_rank` is the launcher's --local_rank argument, used when LOCAL_RANK is not set.
+    free local port. `local_rank` is the launcher's --local_rank argument, used when LOCAL_RANK is not set. A
+    collective that waits longer than `timeout_minutes` (a frozen or dead peer) raises.
     """
     defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": str(max(local_rank or 0, 0)),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None}
@@ -70,17 +113,23 @@ def init_distributed(local_rank: int | None = None) -> Dist:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])))
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
-                               verbose=False)
+    skip_unused_extensions()
+    with watch_build_locks():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
+                                   verbose=False)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    return Dist(dist.get_rank(), dist.get_world_size(), local, device)
+    slow = dist.new_group(backend="gloo", timeout=MAIN_RANK_WORK_TIMEOUT) if dist.get_world_size() > 1 else None
+    return Dist(dist.get_rank(), dist.get_world_size(), local, device, slow)
 
 
-def shutdown_distributed(clean: bool = True) -> None:
+def shutdown_distributed(clean: bool = True, d: Dist | None = None) -> None:
     """Leave the process group. After a clean run all ranks meet first: tearing gloo down while a peer still
-    talks aborts some CPU runs at exit. After an error no barrier (the other ranks may never arrive)."""
+    talks aborts some CPU runs at exit (with `d`, the meeting waits as long as the main rank's one-off work may
+    take). After an error no barrier (the other ranks may never arrive)."""
     if dist.is_initialized():
-        if clean:
+        if clean and d is not None and d.main_work_group is not None:
+            d.wait_for_main()
+        elif clean:
             dist.barrier()
         deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so a later run can start
     while _ENV_WE_SET:
@@ -158,6 +207,37 @@ def build_engine(module: torch.nn.Module, training: TrainingConfig, total_steps:
     return engine
 
 
+class NonFinite(UserError):
+    """The loss or the weights stopped being finite numbers."""
+
+
+def stop_if_not_finite(bad_micro_batches: int, step: int, d: Dist, output_dir: str) -> None:
+    """Stop every rank when a micro-batch of optimizer step `step` had an inf/nan loss: nothing is saved from
+    here, so the last checkpoint keeps the last good weights."""
+    bad = bad_micro_batches
+    if d.world_size > 1:
+        bad = int(all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64), d.device).item())
+    if bad:
+        raise NonFinite(f"the loss is not finite (inf or nan) at step {step} ({bad} micro-batch(es)); stopped "
+                        f"without saving, {_last_good(output_dir)}. Lower training.lr, keep training.grad_clip > 0, "
+                        "or check the data")
+
+
+def check_finite_weights(module: torch.nn.Module, d: Dist, what: str, output_dir: str) -> None:
+    """Refuse to save `module` when a weight is inf/nan on any rank (under ZeRO-3 each rank checks its shard)."""
+    bad = sum(int(not torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in module.parameters())
+    if d.world_size > 1:
+        bad = int(all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64), d.device).item())
+    if bad:
+        raise NonFinite(f"{what} has non-finite (inf or nan) weights; not saved, {_last_good(output_dir)}. Lower "
+                        "training.lr or keep training.grad_clip > 0")
+
+
+def _last_good(output_dir: str) -> str:
+    found = complete_checkpoints(output_dir)
+    return f"{found[-1]} keeps the last good weights" if found else "and no checkpoint was written"
+
+
 def gathered_state_dict(module: torch.nn.Module, is_main: bool) -> dict | None:
     """A full CPU copy of `module`'s state dict on the main rank (None elsewhere). Collective under ZeRO-3,
     where every rank holds a shard; a no-op gather otherwise."""
@@ -180,9 +260,10 @@ def complete_checkpoints(output_dir: str) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file()) if root.is_dir() else []
 
 
-def resume_path(checkpoint: CheckpointConfig, output_dir: str) -> Path | None:
-    """The checkpoint to resume from: `resume: auto` -> the newest complete one (None if there is none),
-    `none` -> None, else the given directory, which must be complete."""
+def resume_path(checkpoint: CheckpointConfig, output_dir: str, say=print) -> Path | None:
+    """The checkpoint to resume from: `resume: auto` -> the newest complete one whose files are intact (a damaged
+    newer one is passed over, and `say` is told), None if there is none; `none` -> None; else the given directory,
+    which must be complete and intact."""
     if checkpoint.resume == "none":
         if complete_checkpoints(output_dir):
             raise FileExistsError(
@@ -190,33 +271,74 @@ def resume_path(checkpoint: CheckpointConfig, output_dir: str) -> Path | None:
                 f"which a later resume=auto would mix with this one: use another output_dir or delete them")
         return None
     if checkpoint.resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        found, damaged = complete_checkpoints(output_dir), []
+        for path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            damaged.append(path.name)
+            say(f"checkpoint {path} is damaged ({problem}); it is passed over")
+        if damaged:
+            raise UserError(f"every checkpoint in {Path(output_dir) / CHECKPOINTS} is damaged ({', '.join(damaged)}); "
+                            "delete them to start again, or give another output_dir")
+        return None
     path = Path(checkpoint.resume)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(
             f"checkpoint.resume={checkpoint.resume!r} is not a complete checkpoint (no {COMPLETE} in it); give a "
             f"{CHECKPOINTS}/step_* directory of an earlier run, or 'auto' / 'none'")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"checkpoint.resume={checkpoint.resume!r} is damaged ({problem}); give another checkpoint")
     return path
 
 
-def save_checkpoint(engine, output_dir: str, step: int, client_state: dict, d: Dist, keep_last: int) -> Path:
-    """engine.save_checkpoint + this rank's RNG states; then, once all ranks are done, the completion marker
-    (atomic rename) and pruning to the newest `keep_last` complete checkpoints."""
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (None: they are as written). Checkpoints written before
+    files were recorded are taken as they are."""
+    try:
+        files = json.loads((path / COMPLETE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as err:
+        return f"its {COMPLETE} is unreadable: {err}"
+    return record_problem(path, files or {})
+
+
+def checkpoint_config(path: Path) -> dict | None:
+    """The config recorded in a checkpoint (None for checkpoints written before configs were recorded)."""
+    file = path / CHECKPOINT_CONFIG
+    return yaml.safe_load(file.read_text()) if file.is_file() else None
+
+
+def save_checkpoint(engine, output_dir: str, step: int, client_state: dict, d: Dist, keep_last: int,
+                    config: dict | None = None) -> Path:
+    """engine.save_checkpoint + this rank's RNG states (+ the run's `config`); then, once all ranks are done, the
+    completion marker (atomic rename, listing each file's size and checksum) and pruning to the newest `keep_last`
+    complete checkpoints. A full disk is reported as such; the checkpoints written before stay complete."""
     path = checkpoint_dir(output_dir, step)
     if d.is_main and (path / COMPLETE).exists():  # overwriting a checkpoint: it is incomplete until re-marked
         (path / COMPLETE).unlink()
     dist.barrier()
-    engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), path / f"rng_rank{d.rank}.pt")
+    try:
+        with reporting_full_disk(path.parent, f"checkpoint {path.name}"):
+            engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
+            torch.save(rng_state(), path / f"rng_rank{d.rank}.pt")
+            if d.is_main and config is not None:
+                (path / CHECKPOINT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    except NoSpaceLeft:
+        shutil.rmtree(path, ignore_errors=True)  # half-written: it only takes space
+        raise
     dist.barrier()
     if d.is_main:
-        tmp = path / f".{COMPLETE}.tmp"
-        tmp.write_text(json.dumps({"step": step, **client_state}) + "\n")
-        os.replace(tmp, path / COMPLETE)
-        complete = complete_checkpoints(output_dir)
+        with reporting_full_disk(path.parent, f"checkpoint {path.name}"):
+            files = file_record(path, skip=(COMPLETE,))
+            tmp = path / f".{COMPLETE}.tmp"
+            tmp.write_text(json.dumps({"step": step, **client_state, "files": files}) + "\n")
+            os.replace(tmp, path / COMPLETE)
+        # Older than keep_last, half-written, or newer than this step (what this run has redone since resuming
+        # from an earlier checkpoint, e.g. past a damaged one) is stale.
+        complete = [p for p in complete_checkpoints(output_dir) if p.name <= path.name]
         stale = complete[:-keep_last] + [p for p in path.parent.glob("step_*")
-                                         if not (p / COMPLETE).is_file() and p.name < path.name]
+                                         if p.name > path.name or not (p / COMPLETE).is_file() and p.name < path.name]
         for old in stale:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -229,7 +351,7 @@ def load_checkpoint(engine, path: Path, d: Dist) -> dict:
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}; see its log lines above")
     if client_state.get("world_size") != d.world_size:
-        raise RuntimeError(
+        raise UserError(
             f"{path} was written by {client_state.get('world_size')} ranks, this run has {d.world_size}: the data "
             f"split differs, so it cannot continue exactly. Launch with the same number of ranks or resume=none.")
     rng_file = path / f"rng_rank{d.rank}.pt"
