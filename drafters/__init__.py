@@ -12,6 +12,7 @@ from .draft_lm import check_complete, check_draft_vocab, load_draft_lm
 from .eagle import EagleConfig, EagleModel
 from .kinds import KINDS, kind_of_model_type
 from .medusa import MedusaConfig, MedusaModel
+from .zoo import is_zoo_folder, load_zoo_drafter
 
 for _kind in KINDS.values():
     if _kind.model is not None:
@@ -20,9 +21,12 @@ for _kind in KINDS.values():
 
 
 def load_drafter(path: str, target: PreTrainedModel | None = None, **kwargs) -> PreTrainedModel:
-    """Load a saved drafter: Medusa heads, an EAGLE drafter, or a draft LM (full weights or LoRA adapters). With `target`, check
-    that it fits (hidden size / vocabulary) and attach it. A damaged or incomplete folder is a ValueError saying so."""
+    """Load a saved drafter: Medusa heads, an EAGLE drafter, or a draft LM (full weights or LoRA adapters), or a
+    zoo folder (drafters/zoo.py: it needs `target`). With `target`, check that it fits (hidden size / vocabulary) and
+    attach it. A damaged or incomplete folder is a ValueError saying so."""
     folder = Path(path) if Path(path).is_dir() else _download(path)
+    if is_zoo_folder(folder):
+        return load_zoo_drafter(folder, target)
     if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{path} has neither config.json nor adapter_config.json: not a saved drafter")
     with _readable(path):
