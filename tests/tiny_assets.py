@@ -90,7 +90,7 @@ def write_tiny_assets(root: Path) -> dict[str, str]:
     }
 
 
-METRICS_COMPARED = ("step", "lr", "loss", "head_loss", "head_acc", "padding_fraction")  # must not drift on resume
+METRICS_COMPARED = ("step", "lr", "tokens", "loss", "head_loss", "head_acc", "padding_fraction")  # must not drift on resume
 
 
 def tiny_overrides(assets: dict, output_dir: Path, *overrides: str) -> list[str]:

@@ -143,6 +143,7 @@ class TrainingConfig:
     epochs: int = 1  # passes over the training conversations (ignored when max_steps is set)
     max_steps: int | None = None  # optimizer steps in all; cycles through the data as often as needed
     stop_after: int | None = None  # leave after this step with a checkpoint, as if interrupted (resume later)
+    max_minutes: float | None = None  # wall-clock guard: after this long, checkpoint and save the drafter as it is
     lr: float = 1e-3
     warmup_steps: int = 0  # linear warm-up from 0, then cosine decay to lr * min_lr_ratio at the last step
     min_lr_ratio: float = 0.1  # 1.0 = constant learning rate after warm-up
@@ -165,6 +166,8 @@ class TrainingConfig:
                "must be >= 1 or null")
         _check(self.stop_after is None or self.stop_after >= 1, "training.stop_after", self.stop_after,
                "must be >= 1 or null")
+        _check(self.max_minutes is None or self.max_minutes > 0, "training.max_minutes", self.max_minutes,
+               "must be > 0 or null")
         _check(self.lr > 0, "training.lr", self.lr, "must be > 0")
         _check(self.warmup_steps >= 0, "training.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(0 <= self.min_lr_ratio <= 1, "training.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
@@ -239,6 +242,11 @@ class _Override(str):
 
 def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
     """The config in YAML file `path` (None: defaults only) with `key=value` overrides applied in order."""
+    return load_dataclass(TrainConfig, path, overrides)
+
+
+def load_dataclass(cls: type, path: str | None, overrides: list[str] = ()):
+    """Any config dataclass `cls` from YAML file `path` and `key=value` overrides, by load_config's rules."""
     raw: dict = {}
     if path is not None:
         with open(path) as f:
@@ -247,14 +255,18 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
         raw = loaded or {}
     keys = [_apply_override(raw, item) for item in overrides]
-    return build_config(raw, source=path or "<defaults>", overridden=keys)
+    return build_dataclass(cls, raw, source=path or "<defaults>", overridden=keys)
 
 
 def build_config(raw: dict, source: str = "<dict>", overridden: list[str] = ()) -> TrainConfig:
     """TrainConfig from a nested dict (as read from YAML); `source` names it in error messages, `overridden`
     the dotted keys that came from the command line."""
+    return build_dataclass(TrainConfig, raw, source, overridden)
+
+
+def build_dataclass(cls: type, raw: dict, source: str = "<dict>", overridden: list[str] = ()):
     try:
-        return _build(TrainConfig, raw, "", overridden)
+        return _build(cls, raw, "", overridden)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
@@ -321,6 +333,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """`value` as type `hint` (int, float, bool, str, X | None, Literal[...], list[X])."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     is_text = isinstance(value, _Override)
+    if dataclasses.is_dataclass(hint):  # a section inside a list or mapping (e.g. one entry of a pipeline's stages)
+        return _build(hint, value, f"{key}.", [])
     if origin in (Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         if value is None or (is_text and value.strip().lower() in _NULLS):

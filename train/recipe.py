@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class TrainResult:
     finished: bool  # False when training.stop_after ended the run early (resume it later)
     drafter: torch.nn.Module | None  # the saved drafter (main rank, finished runs), ready for inference
     target: torch.nn.Module
+    cut: bool = False  # training.max_minutes ended it before its last step (the drafter is saved all the same)
 
 
 class Recipe:
@@ -78,9 +80,11 @@ class Recipe:
         self.objective = self.build_objective()
         self.engine = trainer.build_engine(self.objective, tc, self.total_steps)
         self.step, self.position = 0, (0, 0)  # optimizer steps done; (epoch, next micro-batch) in the data
+        self.tokens = 0  # tokens trained on so far (all ranks, padding excluded): the learning curves' x axis
         if resume is not None:
             state = trainer.load_checkpoint(self.engine, resume, d)
             self.step, self.position = state["step"], (state["epoch"], state["batch"])
+            self.tokens = state.get("tokens", 0)
             self._print(f"resumed from {resume} at step {self.step} (epoch {state['epoch']}, batch {state['batch']})")
         self.metrics = trainer.MetricsLog(cfg.output_dir, cfg.logging, d, self.total_steps, self.step, cfg.to_dict())
 
@@ -104,8 +108,8 @@ class Recipe:
             where = resume if saved is not None else recorded
             if saved is None and recorded.is_file():
                 saved = yaml.safe_load(recorded.read_text())
-            advice = ("resume with those settings (training.max_steps, epochs, stop_after and the logging, "
-                      "checkpoint, eval and push sections may change), or give another output_dir")
+            advice = ("resume with those settings (training.max_steps, epochs, stop_after, max_minutes and the "
+                      "logging, checkpoint, eval and push sections may change), or give another output_dir")
         elif recorded.is_file() and (self.out / "drafter").exists():
             saved, where = yaml.safe_load(recorded.read_text()), recorded
             advice = "give another output_dir, or delete the finished run there first"
@@ -184,7 +188,9 @@ class Recipe:
     # --- train -------------------------------------------------------------------------------------------------
 
     def train(self) -> bool:
-        """Run to training.max_steps / epochs; False if training.stop_after ended it first (after a checkpoint)."""
+        """Run to training.max_steps / epochs; False if training.stop_after ended it first (after a checkpoint).
+        training.max_minutes ends it early too, with a checkpoint, but returns True: the drafter as trained so far
+        is saved (self.cut says so)."""
         self.stall = StallWatch(self.d.rank, self.cfg.training.timeout_minutes)
         try:
             return self._train()
@@ -194,6 +200,8 @@ class Recipe:
     def _train(self) -> bool:
         cfg, engine = self.cfg, self.engine
         window = trainer.Window(self.num_stats)
+        deadline = time.monotonic() + 60 * cfg.training.max_minutes if cfg.training.max_minutes else None
+        self.cut = False
         epoch, start = self.position
         nonfinite = 0  # micro-batches of this optimizer step with an inf/nan loss
         while self.step < self.total_steps:
@@ -213,24 +221,40 @@ class Recipe:
                 self.stall.beat(self.step)
                 self.metrics.step()
                 last = self.step == self.total_steps
-                if self.step % cfg.logging.log_every == 0 or last:
+                self.cut = not last and self._out_of_time(deadline)
+                if self.step % cfg.logging.log_every == 0 or last or self.cut:
+                    row = window.row(self.d)
+                    self.tokens += int(row.pop("window_tokens"))
                     self.metrics.log({"step": self.step, "epoch": epoch + (i + 1) / len(batches), "lr": lr,
-                                      **window.row(self.d)})
+                                      "tokens": self.tokens, **row, **({"cut": True} if self.cut else {}),
+                                      **({"total_steps": self.total_steps} if last or self.cut else {})})
                 every = cfg.checkpoint.every_steps
                 stop = self.step == cfg.training.stop_after and not last
-                if (every and self.step % every == 0) or stop:
-                    self.save_checkpoint()
+                if (every and self.step % every == 0) or stop or self.cut:
+                    self.save_checkpoint(window)
                 if stop:
                     self._print(f"stopped after step {self.step} (training.stop_after); re-run to resume")
                     return False
+                if self.cut:
+                    self._print(f"stopped after step {self.step} of {self.total_steps}: training.max_minutes="
+                                f"{cfg.training.max_minutes:g} ran out; saving the drafter as it is (re-run to resume)")
+                    return True
                 if last:
                     return True
             epoch, start = epoch + 1, 0
         return True
 
-    def save_checkpoint(self) -> None:
+    def _out_of_time(self, deadline: float | None) -> bool:
+        """training.max_minutes has run out, agreed by every rank (so that all leave at the same step)."""
+        if deadline is None:
+            return False
+        over = torch.tensor([float(time.monotonic() >= deadline)], dtype=torch.float64)
+        return bool(trainer.all_reduce_sum(over, self.d.device).item()) if self.d.world_size > 1 else bool(over.item())
+
+    def save_checkpoint(self, window: trainer.Window) -> None:
         epoch, batch = self.position
-        state = {"step": self.step, "epoch": epoch, "batch": batch, "world_size": self.d.world_size}
+        tokens = self.tokens + window.pending_tokens(self.d)  # the steps since the last metrics row included
+        state = {"step": self.step, "epoch": epoch, "batch": batch, "world_size": self.d.world_size, "tokens": tokens}
         trainer.check_finite_weights(self.engine.module.drafter, self.d, f"the drafter at step {self.step}",
                                      self.cfg.output_dir)
         trainer.save_checkpoint(self.engine, self.cfg.output_dir, self.step, state, self.d,
@@ -311,7 +335,7 @@ def run(recipe_cls: type[Recipe], cfg: TrainConfig, local_rank: int | None = Non
             recipe.publish(drafter)  # main rank, after the other ranks have left
     finally:
         recipe.release()
-    return TrainResult(Path(cfg.output_dir), recipe.step, finished, drafter, recipe.target)
+    return TrainResult(Path(cfg.output_dir), recipe.step, finished, drafter, recipe.target, recipe.cut)
 
 
 def parse_args(argv: list[str] | None, description: str) -> tuple[TrainConfig, int | None]:

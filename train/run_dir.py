@@ -20,7 +20,7 @@ LOCK_FILE = ".draftsmith.lock"
 # Keys that may change between a run and its resumption: how long it runs, how it logs, checkpoints, evaluates and
 # publishes, where caches live. Everything else (data, model, optimizer, schedule) must match the checkpoint.
 RESUMABLE = ("output_dir", "training.max_steps", "training.epochs", "training.stop_after", "training.timeout_minutes",
-             "data.cache_dir", "logging.", "checkpoint.", "eval.", "push.")
+             "training.max_minutes", "data.cache_dir", "logging.", "checkpoint.", "eval.", "push.")
 
 
 class OutputDirBusy(UserError):

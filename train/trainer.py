@@ -446,8 +446,13 @@ class Window:
         self.slots += batch["attention_mask"].numel()
         self.heads += head_stats.detach().double().cpu()
 
+    def pending_tokens(self, d: Dist) -> int:
+        """Tokens (all ranks, padding excluded) of the micro-batches since the last row."""
+        return int(all_reduce_sum(torch.tensor([self.tokens], dtype=torch.float64), d.device).item())
+
     def row(self, d: Dist) -> dict:
-        """Metrics over all ranks: mean micro-batch loss, per-head CE and top-1 accuracy, throughput."""
+        """Metrics over all ranks: mean micro-batch loss, per-head CE and top-1 accuracy, throughput, and the
+        window's tokens (window_tokens; the recipe turns them into a running total)."""
         local = torch.tensor([self.loss, self.micro, self.tokens, self.slots], dtype=torch.float64)
         total = all_reduce_sum(torch.cat([local, self.heads.flatten()]), d.device)
         loss, micro, tokens, slots = total[:4].tolist()
@@ -464,4 +469,5 @@ class Window:
             # token for a draft LM with positions: all
             "supervised_tokens_per_s": float(heads[0, 2]) / seconds,
             "padding_fraction": 1 - tokens / max(slots, 1),
+            "window_tokens": tokens,
         }
