@@ -130,6 +130,35 @@ def test_resume_with_other_settings_is_refused(assets, reference, tmp_path):
         regenerate(target, source, str(out), temperature=temperature, **SETTINGS)
 
 
+def test_time_limit_stops_after_a_batch_and_a_rerun_completes_the_file(assets, reference, tmp_path):
+    target, source = assets
+    temperature, expected = reference
+    out = tmp_path / "out.jsonl"
+    first = regenerate(target, source, str(out), temperature=temperature, max_minutes=1e-9, **SETTINGS)
+    assert first.out_of_time and first.written == SETTINGS["batch_size"]
+    second = regenerate(target, source, str(out), temperature=temperature, **SETTINGS)
+    assert not second.out_of_time and out.read_bytes() == expected
+
+
+def test_prompt_cap_leaves_out_long_first_prompts_and_ends_conversations_before_a_long_prompt(assets, tmp_path):
+    target, source = assets
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    prompt_len = lambda messages: len(tokenizer.apply_chat_template(  # noqa: E731
+        messages, add_generation_prompt=True, return_dict=False))
+    originals = {c.id: c for c in load_conversations(source)[0]}
+    first, two_rounds = min((prompt_len(c.messages[:1]), i) for i, c in originals.items() if len(c.messages) == 4)
+    cap = first + 2  # that record's second prompt (its first answer and another question added) is longer
+    out = tmp_path / "out.jsonl"
+    regenerate(target, source, str(out), max_prompt_tokens=cap, **SETTINGS)
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {i for i, c in originals.items() if prompt_len(c.messages[:1]) <= cap} != set(originals)
+    assert [m["role"] for m in records[two_rounds]["messages"]] == ["user", "assistant"]  # cut after one round
+    for record in records.values():
+        messages = record["messages"]
+        assert all(prompt_len(messages[:i]) <= cap for i, m in enumerate(messages) if m["role"] == "assistant")
+        assert record["provenance"]["max_prompt_tokens"] == cap
+
+
 def test_cli(assets, tmp_path, capsys):
     target, source = assets
     out = tmp_path / "cli.jsonl"
