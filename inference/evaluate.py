@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter", required=True, help="a drafter folder saved by draftsmith (or a Hub id)")
     p.add_argument("--output", help="write the JSON report here")
     p.add_argument("--dtype", default="float32", help="the target's dtype (float32, bfloat16, float16)")
+    p.add_argument("--device", default="cpu", help="where target and drafter run (cpu, cuda, cuda:1, ...)")
     add_config_flags(p)
     return p
 
@@ -239,6 +240,18 @@ def flag_message(err: Exception) -> str:
     return re.sub(r"eval\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
 
 
+def eval_argv(config: EvalConfig) -> list[str]:
+    """The flags of build_parser that give `config` back (options at their defaults are left out)."""
+    argv = []
+    for f in dataclasses.fields(EvalConfig):
+        value, meta = getattr(config, f.name), f.metadata
+        if value == f.default and f.name != "questions":
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        argv += [flag] if isinstance(value, bool) else [flag, str(value)]
+    return argv
+
+
 def saved_kind(drafter: str) -> str | None:
     """The kind of a local drafter folder from its config.json, before any weights load (None: not known yet)."""
     config = Path(drafter) / "config.json"
@@ -260,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
             config.check_kind(kind)
     except (ConfigError, ValueError) as err:
         p.error(flag_message(err))
-    target, tokenizer = load_target(args.target, dtype=args.dtype)
+    target, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device)
     drafter = load_drafter(args.drafter, target).to(target.dtype)
     report = evaluate_drafter(target, tokenizer, drafter, config)
     print(format_table(report))

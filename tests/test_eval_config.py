@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from inference.eval_config import ConfigError, EvalConfig
-from inference.evaluate import build_parser, config_from_args
+from inference.evaluate import build_parser, config_from_args, eval_argv
 from train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -64,6 +64,19 @@ def test_command_line_builds_the_same_config():
                                       "--draft-k", "3", "--no-pack", "--temperature", "0.5", "--seed", "7"])
     assert config_from_args(args) == EvalConfig(questions="q", adaptive_k=False, draft_k=3, pack=False,
                                                 temperature=0.5, seed=7)
+
+
+@pytest.mark.parametrize("config", [
+    EvalConfig(questions="mt-bench"),
+    EvalConfig(questions="q.jsonl", per_category=1, limit=2, max_new_tokens=64, check_lossless=True, pack=False,
+               tree="[[0], [0, 0], [1]]", max_tree_nodes=8),
+    EvalConfig(questions="q", adaptive_k=False, draft_k=3, draft_siblings=2, sibling_depth=2, draft_confidence=0.25,
+               prompt_lookup=3, draft_dtype="bfloat16", seed=7),
+    EvalConfig(questions="q", temperature=0.5, typical_acceptance=True),
+])
+def test_flags_written_for_a_config_give_it_back(config):
+    args = build_parser().parse_args(["--target", "t", "--drafter", "d", *eval_argv(config)])
+    assert config_from_args(args) == config
 
 
 def test_command_line_error_is_the_config_rule_in_flag_names(capsys):
