@@ -1,6 +1,8 @@
 """The GPU pipeline end to end on tiny assets in one process (regenerate -> train 4 drafters -> zoo -> evaluate ->
 cards, curves), its stage runner (time limits end processes, parallel stages overlap), and its shipped configs."""
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,8 +34,21 @@ def pipeline_run(assets, tmp_path_factory):
     return root / "out", exit_.value.code
 
 
-def test_every_stage_runs_and_leaves_measured_zoo_folders(pipeline_run, assets):
-    out, code = pipeline_run
+@pytest.fixture(scope="module")
+def pipeline_in_processes(assets, tmp_path_factory):
+    """The same run with every stage in its own process, trainings and evaluations at the same time (as on a GPU)."""
+    root = tmp_path_factory.mktemp("pipeline_processes")
+    overrides = [f"target={assets['target']}", f"regenerate.input={assets['data.train']}",
+                 f"evaluate.questions={assets['eval.questions']}", f"work_dir={root / 'work'}",
+                 f"output_dir={root / 'out'}", "processes=true", "parallel=true"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(CONFIGS / "pipeline_tiny.yaml"), *overrides])
+    return root / "out", exit_.value.code
+
+
+@pytest.mark.parametrize("run", ["pipeline_run", pytest.param("pipeline_in_processes", marks=pytest.mark.slow)])
+def test_every_stage_runs_and_leaves_measured_zoo_folders(run, assets, request):
+    out, code = request.getfixturevalue(run)
     summary = json.loads((out / "summary.json").read_text())
     assert code == 0 and all(s["ok"] for s in summary["stages"].values()), summary["stages"]
     assert set(summary["stages"]) == {"regenerate", *(f"{s}_{n}" for n in NAMES for s in ("train", "zoo")),
@@ -79,6 +94,25 @@ def test_a_stage_past_its_limit_is_ended_and_parallel_stages_overlap(tmp_path):
     assert results["slow"].returncode is None and not results["slow"].ok
     assert "past this stage's limit" in results["slow"].tail()
     assert results["a"].ok and results["b"].ok and results["a"].seconds < 10
+
+
+def test_an_interrupted_wait_ends_the_running_stages(tmp_path):
+    """A pipeline ended by a signal must not leave its stages running (each has its own process group)."""
+    pid_file = tmp_path / "pid"
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    stage = Stage("long", "timeit", ["-n", "1", "-r", "1", code], tmp_path / "long.log", 300.0)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 8.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_stages([stage], processes=True, parallel=True)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def test_a_failing_stage_is_reported_with_its_log(tmp_path):

@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True, help="YAML file (configs/pipeline_*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. regenerate.limit=1000 device=cpu")
     args = p.parse_args(argv)
+    # `timeout` and schedulers end a job with SIGTERM: leave through the report (and end the running stages)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("pipeline: ended by SIGTERM; reporting what is done"))
     try:
         cfg = load_dataclass(PipelineConfig, args.config, args.overrides)
         summary = Pipeline(cfg).run()
@@ -57,19 +60,21 @@ class Pipeline:
         self.summary = {"config": dataclasses.asdict(cfg), "stages": {}, "drafters": {}}
 
     def run(self) -> dict:
-        cfg, started = self.cfg, time.monotonic()
+        started = time.monotonic()
         self.out.mkdir(parents=True, exist_ok=True)
-        self._prepare_target()
-        if self._stage_group([self._regenerate_stage()])["regenerate"].ok or self.regenerated.is_file():
-            try:
-                self.summary["data"] = self._data_report()
-            except ValueError as err:  # e.g. nothing regenerated within the limit
-                self._record("tokenize", False, 0.0, str(err))
-        if "data" in self.summary:
-            self._export(self._train())
-            self._evaluate()
-        self.summary["seconds"] = time.monotonic() - started
-        self._report()
+        try:
+            self._prepare_target()
+            if self._stage_group([self._regenerate_stage()])["regenerate"].ok or self.regenerated.is_file():
+                try:
+                    self.summary["data"] = self._data_report()
+                except ValueError as err:  # e.g. nothing regenerated within the limit
+                    self._record("tokenize", False, 0.0, str(err))
+            if "data" in self.summary:
+                self._export(self._train())
+                self._evaluate()
+        finally:  # also when ended by a signal: cards, curves and summary of what is done
+            self.summary["seconds"] = time.monotonic() - started
+            self._report()
         return self.summary
 
     # --- stages -------------------------------------------------------------------------------------------------
@@ -203,7 +208,7 @@ class Pipeline:
     def card(self, name: str) -> dict:
         """The card sections (train/zoo_card.py) of one drafter, from what the stages left."""
         cfg, stage, tc = self.cfg, self.cfg.drafters[name], self.train_cfgs[name]
-        card = {"config": {"path": stage.config, "overrides": stage.overrides}, "hardware": self.summary["hardware"]}
+        card = {"config": {"path": stage.config, "overrides": stage.overrides}, "hardware": self.summary.get("hardware")}
         data = self.summary.get("data", {}).get(tc.data.max_length)
         if data:
             card["data"] = {"source": cfg.regenerate.input, **{k: data[k] for k in ("conversations", "tokens",
@@ -273,7 +278,13 @@ class Pipeline:
         return max(1, (os.cpu_count() or 1) // stages) if self.cfg.parallel and self.cfg.processes else None
 
     def _stage_group(self, stages: list[Stage], threads: int | None = None) -> dict:
-        results = run_stages(stages, self.cfg.processes, self.cfg.parallel, threads)
+        started = time.monotonic()
+        try:
+            results = run_stages(stages, self.cfg.processes, self.cfg.parallel, threads)
+        except BaseException:  # a signal: these stages were ended unfinished
+            for stage in stages:
+                self._record(stage.name, False, time.monotonic() - started, "ended with the pipeline")
+            raise
         for name, r in results.items():
             error = None if r.ok else ("past its time limit" if r.returncode is None and self.cfg.processes
                                        else f"failed ({r.log}): {r.tail(2)}")

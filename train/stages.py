@@ -81,7 +81,16 @@ def _start(stage: Stage, threads: int | None):
 
 
 def _wait(running: list) -> list[StageResult]:
-    """Wait for every started stage; end those past their time limit."""
+    """Wait for every started stage; end those past their time limit, and all of them if the wait is interrupted
+    (the pipeline ended by a signal: their own process groups would outlive it)."""
+    try:
+        return _wait_all(running)
+    finally:
+        for _, proc, _ in running:
+            _end(proc)
+
+
+def _wait_all(running: list) -> list[StageResult]:
     results = []
     while running:
         for item in list(running):

@@ -73,7 +73,8 @@ def _data(d: dict | None) -> str | None:
 def _training(t: dict | None) -> str | None:
     if not t:
         return None
-    text = f"{t['steps']:,} of {t['total_steps']:,} optimizer steps, {t['tokens']:,} tokens, {t['seconds']:.0f} s"
+    text = (f"{t['steps']:,} of {t['total_steps']:,} optimizer steps, {t['tokens']:,} tokens; {t['seconds']:.0f} s "
+            f"with loading and saving")
     if t.get("cut"):
         text += " (stopped by its time limit, with a checkpoint)"
     if t.get("parallel_with"):
