@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from inference.bench_report import method_table
-from train.config import load_config
+from train.config import load_config, load_dataclass
+from train.pipeline import Pipeline
+from train.pipeline_config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -92,7 +94,9 @@ def test_doc_commands_parse(page, command, monkeypatch):
     with pytest.raises(Parsed) as parsed:
         importlib.import_module(module).main(argv)
     args = parsed.value.args[0]
-    if getattr(args, "config", None):
+    if getattr(args, "config", None) and module == "train.pipeline":  # its config and every drafter's
+        Pipeline(load_dataclass(PipelineConfig, args.config, args.overrides))
+    elif getattr(args, "config", None):
         load_config(args.config, args.overrides)  # the config file and every key=value override are valid
 
 

@@ -16,6 +16,8 @@ import json
 import re
 from pathlib import Path
 
+from cli.errors import run_main
+
 LIST_ITEM = re.compile(r"^(\w+)\[(\d+)\]$")
 
 
@@ -62,7 +64,8 @@ def flattens(points: list[tuple[int, float]], share: float) -> int:
 
 
 def table(curves: dict[str, list[tuple[int, float]]], field: str) -> str:
-    lines = [f"| run | tokens | last {field} | 90 % of it after | 95 % of it after |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [f"| run | tokens | last {field} | 90 % of it after | 95 % of it after |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for name, points in curves.items():
         lines.append(f"| {name} | {points[-1][0]:,} | {points[-1][1]:.3f} | {flattens(points, 0.9):,} | "
                      f"{flattens(points, 0.95):,} |")
@@ -116,4 +119,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

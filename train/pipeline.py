@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from train.config import ConfigError, load_dataclass
+from cli.errors import run_main
+from train.config import load_dataclass
 from train.pipeline_config import PipelineConfig
 from train.stages import Stage, run_stages
 
@@ -40,11 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     # `timeout` and schedulers end a job with SIGTERM: leave through the report (and end the running stages)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("pipeline: ended by SIGTERM; reporting what is done"))
-    try:
-        cfg = load_dataclass(PipelineConfig, args.config, args.overrides)
-        summary = Pipeline(cfg).run()
-    except (ConfigError, FileNotFoundError) as err:
-        sys.exit(f"pipeline: {err}")
+    summary = Pipeline(load_dataclass(PipelineConfig, args.config, args.overrides)).run()
     sys.exit(0 if all(s["ok"] for s in summary["stages"].values()) else 1)
 
 
@@ -111,7 +108,8 @@ class Pipeline:
 
         report = {}
         for length in sorted({c.data.max_length for c in self.train_cfgs.values()}):
-            ds, load = build_token_dataset(str(self.regenerated), self.tokenizer, length, str(self.work / "token_cache"))
+            ds, load = build_token_dataset(str(self.regenerated), self.tokenizer, length,
+                                           str(self.work / "token_cache"))
             report[length] = {"conversations": len(ds), "tokens": sum(ds["length"]),
                               "assistant_tokens": sum(map(sum, ds["loss_mask"])), "load": load.summary()}
         return report
@@ -146,7 +144,7 @@ class Pipeline:
         main = {n: self.eval_config(n) for n in names}
         self._eval_group(main, "")
         regression = {n: self.regression_config(n) for n in names if self.report_path(n, "").is_file()}
-        self._eval_group(regression, ".regression")
+        self._eval_group({n: c for n, c in regression.items() if c is not None}, ".regression")
 
     def _eval_group(self, configs: dict, suffix: str) -> None:
         from inference.evaluate import eval_argv
@@ -167,10 +165,13 @@ class Pipeline:
 
     def regression_config(self, name: str):
         """The main evaluation's options on the regression questions, a calibrated tree replaced by the one it
-        chose there (calibration depends on the machine; the floor must not)."""
+        chose there (calibration depends on the machine; the floor must not). None when that calibration chose
+        plain decoding: no floor says anything about the drafter then."""
         r, config = self.cfg.regression, self.eval_config(name)
         proposer = json.loads(self.report_path(name, "").read_text())["setup"]["proposer"]
         if config.tree == "auto" and "paths" in proposer:  # (draft LMs draft chains: no tree)
+            if not proposer["paths"]:
+                return None
             config = dataclasses.replace(config, tree=json.dumps(proposer["paths"]))
         return dataclasses.replace(config, per_category=r.per_category, limit=r.limit,
                                    max_new_tokens=r.max_new_tokens)
@@ -208,7 +209,8 @@ class Pipeline:
     def card(self, name: str) -> dict:
         """The card sections (train/zoo_card.py) of one drafter, from what the stages left."""
         cfg, stage, tc = self.cfg, self.cfg.drafters[name], self.train_cfgs[name]
-        card = {"config": {"path": stage.config, "overrides": stage.overrides}, "hardware": self.summary.get("hardware")}
+        card = {"config": {"path": stage.config, "overrides": stage.overrides},
+                "hardware": self.summary.get("hardware")}
         data = self.summary.get("data", {}).get(tc.data.max_length)
         if data:
             card["data"] = {"source": cfg.regenerate.input, **{k: data[k] for k in ("conversations", "tokens",
@@ -230,7 +232,7 @@ class Pipeline:
                                 "tau": main["overall"]["tau"], "alpha": main["overall"]["alpha"],
                                 "mismatches": main["lossless"]["mismatches"], "device": main["setup"]["device"],
                                 "eval": _proposer_summary(main["setup"]["proposer"])}
-        if regression:
+        if regression and self.regression_config(name) is not None:
             tau = regression["overall"]["tau"]
             card["regression"] = {"eval": dataclasses.asdict(self.regression_config(name)), "tau": tau,
                                   "tau_floor": math.floor(100 * cfg.regression.floor * tau) / 100,
@@ -315,4 +317,4 @@ def _proposer_summary(proposer: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

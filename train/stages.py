@@ -40,7 +40,8 @@ class StageResult:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def run_stages(stages: list[Stage], processes: bool, parallel: bool, threads: int | None = None) -> dict[str, StageResult]:
+def run_stages(stages: list[Stage], processes: bool, parallel: bool,
+               threads: int | None = None) -> dict[str, StageResult]:
     """Run `stages` (at the same time when parallel) and return their results by name. threads: OMP_NUM_THREADS of
     each process (None: leave it)."""
     for stage in stages:

@@ -44,7 +44,8 @@ def render_card(manifest: dict, folder: Path) -> str:
              "```", "", "| | |", "| --- | --- |"]
     rows = [("config", _config(card.get("config"))), ("data", _data(card.get("data"))),
             ("hardware", card.get("hardware")), ("training", _training(card.get("training"))),
-            ("measured tau", _measured(card.get("measured"))), ("regression floor", _regression(card.get("regression"))),
+            ("measured tau", _measured(card.get("measured"))),
+            ("regression floor", _regression(card.get("regression"))),
             ("stored", f"{manifest['stored_parameters']:,} parameters in {manifest['stored_dtype']}; from the target: "
                        f"{', '.join(manifest['from_target']) or 'nothing'}"),
             ("target sha256", f"`{manifest['target_sha256']}`")]

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cli.errors import run_main
 from drafters import load_drafter
 from drafters.zoo import WEIGHTS, save_zoo_drafter
 from target.model import load_target
@@ -47,4 +48,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
