@@ -235,12 +235,15 @@ def check_device(device: str) -> None:
 
 
 def arguments_record(args: argparse.Namespace, drafters: list[DrafterSpec], config: EvalConfig, questions) -> dict:
-    """What a resumed run must share with the run it continues (the questions by content)."""
+    """What a resumed run must share with the run it continues: the arguments, the questions (by content), and the
+    machine and libraries its timings depend on."""
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(q) for q in questions]).encode()).hexdigest()
+    libraries = {k: v for k, v in versions().items() if k != "draftsmith"}
     return {"target": args.target, "drafters": {d.name: {"path": d.path, "options": d.options} for d in drafters},
             "baselines": sorted(set(args.baselines)),
             "dtype": args.dtype, "device": args.device, "questions_sha256": digest,
-            **{k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_FLAGS}}
+            **{k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_FLAGS},
+            "machine": machine(torch.device(args.device)), "libraries": libraries}
 
 
 def main(argv: list[str] | None = None, on_answer: Callable | None = None) -> dict:
