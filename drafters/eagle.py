@@ -21,6 +21,7 @@ position id j, in training and decoding alike.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 from torch import nn
@@ -74,9 +75,51 @@ class EagleConfig(PretrainedConfig):
         tc = {k: v for k, v in self.target_config.items() if k not in ("model_type", "num_hidden_layers")}
         if tc.get("layer_types"):  # per-layer attention kinds: the drafter's layer is of the first kind
             tc["layer_types"] = tc["layer_types"][:1]
+        if tc.get("attn_logit_softcapping") is not None:  # Gemma 2: eagle_attention is SDPA, which has no soft-capping
+            tc["attn_logit_softcapping"] = None
         config = AutoConfig.for_model(self.target_config["model_type"], **tc, num_hidden_layers=1)
+        if not eagle_shaped(config):
+            config = llama_layer_config(config)
         config._attn_implementation = ATTENTION
         return config
+
+
+def eagle_shaped(config: PretrainedConfig) -> bool:
+    """Whether the family's decoder layer has the parts EAGLE rewires (pre-norms, separate q/k/v projections, an
+    MLP) and its rotary embedding needs nothing but positions. Built on the meta device: no memory, no init."""
+    layer_cls, _, rotary_cls = family_classes(config)
+    with torch.device("meta"):
+        layer = layer_cls(config, layer_idx=0)
+    parts = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.q_proj", "self_attn.k_proj",
+             "self_attn.v_proj", "self_attn.o_proj")
+    has = all(_has_module(layer, name) for name in parts)
+    rotary_args = [p for p in inspect.signature(rotary_cls.forward).parameters.values()
+                   if p.default is inspect.Parameter.empty and p.name not in ("self", "x", "position_ids")]
+    return has and not rotary_args
+
+
+def _has_module(module: nn.Module, dotted: str) -> bool:
+    for name in dotted.split("."):
+        module = getattr(module, name, None)
+        if not isinstance(module, nn.Module):
+            return False
+    return True
+
+
+def llama_layer_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A one-layer Llama config of the target's sizes, for families whose own layer EAGLE cannot rewire (Phi-3's
+    fused q/k/v, OLMo 2's post-norms, Gemma 3's per-layer-kind rotary): the layer the serving engines run anyway."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if "rope_type" not in rope:  # per layer kind (Gemma 3): the full-attention layers' rotary
+        rope = rope.get("full_attention") or {"rope_type": "default", "rope_theta": 10000.0}
+    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
+    return AutoConfig.for_model(
+        "llama", hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6), hidden_act=act, vocab_size=config.vocab_size,
+        max_position_embeddings=config.max_position_embeddings, rope_parameters=dict(rope), num_hidden_layers=1)
 
 
 ATTENTION = "draftsmith_eagle"
@@ -214,6 +257,12 @@ class EagleModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 1:
             nn.init.ones_(module.weight)  # RMSNorm
+        else:  # MoE families keep their experts and router as bare parameters [E, ...], [E, H]
+            for p in module.parameters(recurse=False):
+                if p.dim() >= 2:
+                    nn.init.normal_(p, std=std)
+                elif p.dim() == 1 and not hasattr(module, "weight"):
+                    nn.init.zeros_(p)
 
     # --- construction and the target -------------------------------------------------------------------------
 

@@ -31,10 +31,7 @@ def draft_ids(draft_vocab: list[int], vocab_size: int, device: torch.device | st
 
 def vocab_head(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A causal LM's LM head restricted to the token ids [N]: (weight rows [N, H], bias rows [N] or None), for
-    logits over a draft vocabulary. Refuses models with final-logit soft-capping (it caps the full logits)."""
-    if getattr(model.config, "final_logit_softcapping", None) is not None:
-        raise ValueError(f"a draft vocabulary is not supported for {type(model).__name__}: it has final-logit "
-                         "soft-capping; use the full vocabulary (no draft_vocab / loss_vocab: full)")
+    logits over a draft vocabulary (soft-capping, where the model has it, is the caller's: target.model.softcap)."""
     head = model.get_output_embeddings()
     return head.weight[ids], None if head.bias is None else head.bias[ids]
 

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
+from .kv_cache import growing_cache
 from .speculative import Acceptance, NoDraft, Proposer, StepClock, prefill, verify_step
 from target.model import target_forward
 from .tree import TokenTree, expected_accept_lengths, grow_tree, tree_attention_mask
@@ -55,7 +56,7 @@ def star_verify_steps(target: PreTrainedModel, node_counts, context_len: int = 2
     vocab = target.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(0)
     context = torch.randint(vocab, (1, context_len), generator=gen).to(target.device)
-    cache = DynamicCache(config=target.config)
+    cache = growing_cache(target.config)  # the verification loop's cache
     with torch.no_grad():
         target_forward(target, context, past_key_values=cache, logits_at=1)
     dtype = target.get_output_embeddings().weight.dtype

@@ -21,7 +21,7 @@ from drafters.vocab import draft_ids, vocab_head
 
 from .kv_cache import growing_cache
 from .speculative import sample
-from target.model import target_forward
+from target.model import softcap, target_forward
 from .tree import TokenTree
 
 
@@ -107,7 +107,7 @@ class DraftLMProposer:
                                   ).logits[0, -1]
         hidden = target_forward(self.draft, ids, past_key_values=self.cache, logits_at=0, use_cache=True
                                 ).hidden_states[0, -1]                  # [H]
-        return F.linear(hidden, self.head, self.head_bias)              # [N]
+        return softcap(self.draft.config, F.linear(hidden, self.head, self.head_bias))   # [N]
 
     def _draw(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
         """One draft token from logits [V] or [N] (the draft vocabulary): argmax, or a sample with its

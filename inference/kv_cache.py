@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from target.attention import attention_layout
 
 MIN_ROOM = 256  # positions allocated beyond the first update: a prompt plus a typical answer fits without growing
 
@@ -49,8 +51,12 @@ class GrowingLayer(DynamicLayer):
 
 
 def growing_cache(config: PretrainedConfig) -> DynamicCache:
-    """A DynamicCache for a model of this config whose full-attention layers are GrowingLayers (other layer kinds,
-    e.g. sliding-window ones, stay as transformers makes them)."""
+    """A DynamicCache for a model of this config whose attention layers are all GrowingLayers. Sliding-window
+    layers keep every position too (transformers' own keep only the window, which a rejected draft would have
+    pushed out): the window is applied by the attention mask instead, so cache position = sequence position in
+    every layer and dropping rejected entries is the same operation everywhere."""
+    attention_layout(config)  # refuses layers with recurrent state
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [GrowingLayer() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
     return cache

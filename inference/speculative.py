@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from target.attention import AttentionLayout, attention_layout
 from target.model import target_forward
 from .kv_cache import GrowingLayer, growing_cache
 from .tree import TokenTree, TreeShape, tree_shape
@@ -149,9 +150,9 @@ def keep_cache_entries(cache: DynamicCache, prefix_len: int, keep: list[int]) ->
     n = len(keep)
     moved = None if keep == list(range(n)) else torch.tensor(keep, device=cache.layers[0].keys.device)
     for layer in cache.layers:
-        if type(layer) not in (DynamicLayer, GrowingLayer):
-            raise NotImplementedError(f"tree verification compacts full-attention caches only, got {type(layer).__name__} "
-                                      "(sliding-window or linear-attention layers); use a chain-only drafter")
+        if type(layer) not in (DynamicLayer, GrowingLayer):  # growing_cache builds only these
+            raise NotImplementedError(f"verification drops rejected drafts from attention caches only, got "
+                                      f"{type(layer).__name__}; build the cache with inference.kv_cache.growing_cache")
         for name in ("keys", "values"):
             kv = getattr(layer, name)                               # [1, heads, prefix_len + N, head_dim]
             if moved is not None:
@@ -209,6 +210,7 @@ class Decoding:
     feature_layers: list[int] | None   # the proposer's (EAGLE-3): the target returns these layers' outputs
     dtype: torch.dtype
     device: torch.device
+    layout: AttentionLayout
 
     def features(self, out) -> torch.Tensor:
         """What the proposer reads of a target output: [1, T, H] last hidden states or [1, T, F] layer outputs."""
@@ -222,8 +224,19 @@ def prefill(target: PreTrainedModel, input_ids: torch.Tensor, feature_layers: li
     cache = growing_cache(target.config)
     out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1, feature_layers=feature_layers)
     seq = Decoding(cache, int(_choose(out.logits[0], acceptance, generator)[0]), feature_layers,
-                   out.hidden_states.dtype, input_ids.device)
+                   out.hidden_states.dtype, input_ids.device, attention_layout(target.config))
     return seq, seq.features(out)[0]
+
+
+def verify_mask(shape: TreeShape, prefix_len: int, layout: AttentionLayout) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The verify forward's additive mask [1, 1, N, prefix_len + N]; where sliding-window and full-attention
+    layers mix (Gemma 2/3, Qwen2 with max_window_layers), one per layer kind, as those models take it."""
+    if layout.window is None:
+        return shape.attention_mask(prefix_len)
+    sliding = shape.attention_mask(prefix_len, layout.window)
+    if not layout.mixed:
+        return sliding
+    return {"full_attention": shape.attention_mask(prefix_len), "sliding_attention": sliding}
 
 
 def verify_step(target: PreTrainedModel, proposer: Proposer, seq: Decoding, acceptance: Acceptance,
@@ -239,7 +252,7 @@ def verify_step(target: PreTrainedModel, proposer: Proposer, seq: Decoding, acce
     prefix_len = seq.cache.get_seq_length()
     shape = tree_shape(tuple(tree.parents), seq.device, seq.dtype)
     ids = tree.tokens.to(seq.device)[None]                                     # [1, N]
-    mask = None if len(tree) == 1 else shape.attention_mask(prefix_len)
+    mask = None if len(tree) == 1 else verify_mask(shape, prefix_len, seq.layout)
     lap("tree")
     out = target_forward(target, ids, past_key_values=seq.cache, position_ids=(prefix_len + shape.positions)[None],
                          attention_mask=mask, feature_layers=seq.feature_layers)

@@ -84,11 +84,16 @@ class TreeShape:
     parents: torch.Tensor        # [N - 1] long: parents[1:], on the device
     block: torch.Tensor          # [N, N] additive mask among the nodes: 0 on ancestors and self
 
-    def attention_mask(self, prefix_len: int) -> torch.Tensor:
-        """[1, 1, N, prefix_len + N]: every node sees the whole cache and its own ancestors."""
+    def attention_mask(self, prefix_len: int, window: int | None = None) -> torch.Tensor:
+        """[1, 1, N, prefix_len + N]: every node sees the whole cache and its own ancestors; with a sliding
+        `window`, only the keys k (cache position = sequence position) with position(node) - k < window."""
         n = len(self.depths)
         mask = torch.zeros(1, 1, n, prefix_len + n, dtype=self.block.dtype, device=self.block.device)
         mask[0, 0, :, prefix_len:] = self.block
+        if window is not None:
+            queries = prefix_len + self.positions[:, None]                                # [N, 1]
+            keys = torch.cat([torch.arange(prefix_len, device=mask.device), queries[:, 0]])  # [prefix_len + N]
+            mask[0, 0].masked_fill_(queries - keys[None] >= window, torch.finfo(mask.dtype).min)
         return mask
 
 

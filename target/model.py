@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
+from .attention import attention_layout
 from .embedded import EMBEDDED_TARGETS, embedded_target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +60,10 @@ def load_target(
             f"({', '.join(EMBEDDED_TARGETS)}), a local checkpoint directory, or a Hub id reachable from this machine."
         ) from err
     _check_all_weights_loaded(info, name_or_path)
+    try:
+        attention_layout(model.config)
+    except ValueError as err:
+        raise ValueError(f"target {name_or_path!r}: {err}") from None
     if name_or_path in EMBEDDED_TARGETS:
         model.config.name_or_path = name_or_path
         model.name_or_path = name_or_path
@@ -188,11 +193,14 @@ def _select_positions(hidden: torch.Tensor, logits_at: int | torch.Tensor | None
 
 def lm_logits(target: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The target's LM head on hidden [B, T', H] -> [B, T', V], with final-logit soft-capping if the config has it."""
-    logits = target.get_output_embeddings()(hidden)
-    cap = getattr(target.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return softcap(target.config, target.get_output_embeddings()(hidden))
+
+
+def softcap(config, logits: torch.Tensor) -> torch.Tensor:
+    """Final-logit soft-capping (Gemma 2: cap * tanh(logits / cap)) where the config has it. It acts on each logit
+    alone, so it applies as well to logits over a subset of the vocabulary (a draft vocabulary's rows)."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def _cache_kwarg_name(base: torch.nn.Module) -> str:

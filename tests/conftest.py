@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random targets built in-process (hidden 64, 2 layers), no network."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 256
 
@@ -10,24 +9,47 @@ VOCAB = 256
 torch.set_num_threads(1)
 
 
+# Tiny random targets of the families a user of this field would pick: name -> (model_type, config overrides).
+# Sliding windows of 8 positions, so that decoding runs far beyond them.
+WINDOW = 8
+FAMILIES = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "mistral": ("mistral", dict(sliding_window=WINDOW)),
+    "gemma2": ("gemma2", dict(sliding_window=WINDOW, head_dim=16, query_pre_attn_scalar=16,
+                              final_logit_softcapping=30.0, attn_logit_softcapping=50.0)),
+    "gemma3": ("gemma3_text", dict(sliding_window=WINDOW, head_dim=16, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("phi3", dict(sliding_window=WINDOW)),
+    "qwen3": ("qwen3", dict(head_dim=16)),
+    "olmo2": ("olmo2", {}),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2-moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                    shared_expert_intermediate_size=64)),
+    "qwen3-moe": ("qwen3_moe", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)),
+}
+
+
 def make_tiny_target(arch: str = "llama", seed: int = 0, vocab_size: int = VOCAB, hidden_size: int = 64):
-    """A frozen fp32 tiny causal LM with fixed random weights."""
+    """A frozen fp32 tiny causal LM of family `arch` (FAMILIES) with fixed random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown tiny arch {arch!r}; one of {sorted(FAMILIES)}")
+    model_type, extra = FAMILIES[arch]
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        raise ValueError(f"unknown tiny arch {arch!r}")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **common, **extra))
     # Sharpen the random logits so greedy decoding has clear winners (random init is nearly uniform).
     with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    model.config._attn_implementation = "sdpa"
+        model.get_output_embeddings().weight.mul_(8.0)
+    # sdpa where the family has it; Gemma 2's attention-logit soft-capping runs in the eager form only
+    model.config._attn_implementation = "eager" if extra.get("attn_logit_softcapping") else "sdpa"
     return model.eval().requires_grad_(False)
 
 

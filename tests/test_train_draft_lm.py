@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import assert_target_unchanged
+from target.model import target_forward
 import torch.nn.functional as F
 
 from drafters import load_drafter
@@ -92,16 +93,22 @@ def test_draft_vocab_loss_equals_direct_computation(tiny_target):
     assert objective.outside == len(supervised) - len(terms) > 0
 
 
-def test_draft_vocabulary_refused_with_final_logit_softcapping(tiny_target):
-    """Soft-capping caps the full logits, so neither the draft-vocabulary loss nor drafting over one applies."""
+def test_draft_vocabulary_logits_are_soft_capped_like_the_full_ones(tiny_target):
+    """Soft-capping (Gemma 2) acts on each logit alone: logits over a draft vocabulary are the capped full logits'
+    rows, in the loss and in drafting."""
     from inference.draft_lm_proposer import DraftLMProposer
+    from target.model import lm_logits
+    from train.objectives import _logits
     draft, ids, attention_mask, loss_mask = _direct_objective_case(tiny_target)
-    draft.config.final_logit_softcapping = 30.0
-    objective = DraftLMObjective(draft, tiny_target, {"ce": 1.0}, vocab=list(range(128)))
-    with pytest.raises(ValueError, match="final-logit soft-capping"):
-        objective(ids, attention_mask, loss_mask)
-    with pytest.raises(ValueError, match="final-logit soft-capping"):
-        DraftLMProposer(draft, draft_vocab=list(range(128)))
+    draft.config.final_logit_softcapping = 3.0  # small enough to change most logits
+    rows = torch.arange(0, 256, 2)
+    hidden = target_forward(draft, ids, attention_mask, logits_at=0, use_cache=False).hidden_states[0]
+    full = lm_logits(draft, hidden)                                                     # [T, V]
+    assert full.abs().max() < 3.0 and not torch.allclose(full, draft.get_output_embeddings()(hidden))
+    torch.testing.assert_close(_logits(draft, hidden, rows), full[:, rows])
+    proposer = DraftLMProposer(draft, draft_vocab=rows.tolist())
+    proposer.begin(ids[0], None)
+    torch.testing.assert_close(proposer.draft_forward(ids[0].tolist()), full[-1, rows])
 
 
 def test_ce_alone_never_runs_the_target(tiny_target):

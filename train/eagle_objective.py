@@ -24,7 +24,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from drafters.eagle import EagleModel
-from target.model import target_forward
+from target.model import softcap, target_forward
 from inference.tree import additive_mask
 from train.objectives import LM_HEAD_CHUNK, next_token_supervised
 
@@ -134,7 +134,7 @@ class Eagle3Objective(nn.Module):
         head, ids = target.get_output_embeddings().weight, d.draft_ids()                # [V, H], [N]
         top, probs = [], []
         for chunk in hidden[needed].to(head.dtype).split(LM_HEAD_CHUNK):                # [m, H]
-            logits = F.linear(chunk, head)                                              # [m, V]
+            logits = softcap(target.config, F.linear(chunk, head))                      # [m, V]
             top.append(logits.argmax(-1))
             probs.append(torch.softmax(logits[:, ids].float(), dim=-1))                 # [m, N]
         top = torch.cat(top) if top else ids.new_zeros(0)                               # [M0] target ids

@@ -120,6 +120,12 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def missing_target_keys(target: dict) -> list[str]:
+    """The keys of TARGET_KEYS a saved drafter's target_config lacks (Gemma names hidden_act hidden_activation)."""
+    return [f"target_config.{k}" for k in TARGET_KEYS
+            if k not in target and not (k == "hidden_act" and "hidden_activation" in target)]
+
+
 def check_drafter(d: Drafter) -> None:
     """Refuse anything that is not a well-formed draftsmith EAGLE-3 drafter (independent of the engine)."""
     where = d.folder / "config.json"
@@ -130,7 +136,7 @@ def check_drafter(d: Drafter) -> None:
     if d.config.get("eagle_version") != 3:
         raise ExportRefused(f"{where}: eagle_version {d.config.get('eagle_version')!r}; draftsmith exports EAGLE-1 "
                             f"and EAGLE-3 drafters")
-    missing = [f"target_config.{k}" for k in TARGET_KEYS if k not in (d.config.get("target_config") or {})]
+    missing = missing_target_keys(d.config.get("target_config") or {})
     missing += [] if d.config.get("feature_layers") else ["feature_layers"]
     if missing:
         raise ExportRefused(f"{where}: {missing} missing; the file is incomplete: save the drafter again")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from train.export import (ATTN_BIASES, LLAMA_LIKE_FAMILIES, MLP_BIASES, TARGET_KEYS, Drafter, ExportRefused, Layout,
-                          check_biases, expected_shapes, llama_fields)
+from train.export import (ATTN_BIASES, LLAMA_LIKE_FAMILIES, MLP_BIASES, Drafter, ExportRefused, Layout,
+                          check_biases, expected_shapes, llama_fields, missing_target_keys)
 
 
 def head_layout(d: Drafter, fmt: str, target_source: str | None) -> Layout:
@@ -82,11 +82,12 @@ def eagle1_shapes(target: dict) -> dict[str, tuple[int, ...]]:
 
 def eagle1_layout(d: Drafter, fmt: str) -> Layout:
     where, t = d.folder / "config.json", d.config.get("target_config") or {}
-    missing = [f"target_config.{k}" for k in TARGET_KEYS if k not in t]
+    missing = missing_target_keys(t)
     if missing:
         raise ExportRefused(f"{where}: {missing} missing; the file is incomplete: save the drafter again")
-    if t["model_type"] not in LLAMA_LIKE_FAMILIES or t["hidden_act"] != "silu":
-        raise ExportRefused(f"{where}: the drafter's layer is a {t['model_type']!r} layer with {t['hidden_act']}; "
+    act = t.get("hidden_act", t.get("hidden_activation"))
+    if t["model_type"] not in LLAMA_LIKE_FAMILIES or act != "silu":
+        raise ExportRefused(f"{where}: the drafter's layer is a {t['model_type']!r} layer with {act}; "
                             f"{fmt}'s EAGLE-1 layer is a Llama layer (silu), known to match for "
                             f"{LLAMA_LIKE_FAMILIES}. Train for a Llama-family target")
     shapes = eagle1_shapes(t)

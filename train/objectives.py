@@ -20,7 +20,7 @@ from torch import nn
 
 from drafters import MedusaModel
 from drafters.vocab import draft_ids, vocab_head
-from target.model import lm_logits, target_forward
+from target.model import lm_logits, softcap, target_forward
 from train.losses import distill_loss
 
 IGNORE = -100  # label of a (head, position) pair that is not supervised
@@ -235,7 +235,7 @@ def _logits(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | None) -
     (those rows of its LM head)."""
     if rows is None:
         return lm_logits(model, hidden)
-    return F.linear(hidden, *vocab_head(model, rows))
+    return softcap(model.config, F.linear(hidden, *vocab_head(model, rows)))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
