@@ -158,6 +158,11 @@ class TrainingConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # drafter weights/compute in the DeepSpeed engine
     target_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     timeout_minutes: float = 30.0  # a collective between ranks that waits longer (a frozen or dead peer) ends the run
+    acceptance_every: int | None = None  # steps between held-out τ measurements (train/acceptance.py); null: off
+    acceptance_prompts: int = 4  # held-out conversations whose first turn is answered with chain drafting
+    acceptance_tokens: int = 32  # new tokens per answer
+    acceptance_depth: int = 4  # draft tokens per chain
+    early_stop_patience: int | None = None  # stop after this many held-out τ measurements without a new best
 
     def __post_init__(self):
         _check(self.timeout_minutes > 0, "training.timeout_minutes", self.timeout_minutes, "must be > 0")
@@ -177,6 +182,13 @@ class TrainingConfig:
         _check(self.grad_accum >= 1, "training.grad_accum", self.grad_accum, "must be >= 1")
         _check(self.grad_clip >= 0, "training.grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
         _check(self.head_decay > 0, "training.head_decay", self.head_decay, "must be > 0")
+        _check(self.acceptance_every is None or self.acceptance_every >= 1, "training.acceptance_every",
+               self.acceptance_every, "must be >= 1 or null (off)")
+        for key in ("acceptance_prompts", "acceptance_tokens", "acceptance_depth"):
+            _check(getattr(self, key) >= 1, f"training.{key}", getattr(self, key), "must be >= 1")
+        _check(self.early_stop_patience is None or (self.early_stop_patience >= 1 and self.acceptance_every),
+               "training.early_stop_patience", self.early_stop_patience,
+               "must be >= 1 or null, and needs training.acceptance_every (it counts held-out τ measurements)")
 
 
 @dataclass
@@ -196,11 +208,13 @@ class CheckpointConfig:
     every_steps: int | None = 500  # null: no periodic checkpoints
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     resume: str = "auto"  # auto: newest complete checkpoint in output_dir, if any | none | <checkpoint dir>
+    select: Literal["acceptance", "last"] = "acceptance"  # drafter/: the best held-out τ (training.acceptance_every) or the last step
 
     def __post_init__(self):
         _check(self.every_steps is None or self.every_steps >= 1, "checkpoint.every_steps", self.every_steps,
                "must be >= 1 or null")
         _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+        _check(self.select in ("acceptance", "last"), "checkpoint.select", self.select, "must be acceptance or last")
 
 
 @dataclass

@@ -93,6 +93,10 @@ def model_card(drafter_dir: str, repo_id: str, report: dict | None, benchmark: d
     if getattr(config, "head_topk_accuracy", None):
         top1 = ", ".join(f"{row[0]:.3f}" for row in config.head_topk_accuracy)
         lines += [f"Held-out top-1 accuracy per head (against the target's greedy tokens): {top1}.", ""]
+    held = getattr(config, "heldout_acceptance", None)
+    if held and held.get("heldout_tau") is not None:
+        lines += [f"Saved from training step {held['step']}: held-out τ {held['heldout_tau']:.3f} (greedy chain "
+                  "drafting on the first turns of held-out conversations, measured while training).", ""]
     lines += _results(report) if report else ["No evaluation report was given for this upload.", ""]
     lines += _benchmark(benchmark) if benchmark else []
     return "\n".join(lines)

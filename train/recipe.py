@@ -14,6 +14,7 @@ Data, batching, resume, checkpoints, logging, the final evaluation and the push 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -31,8 +32,8 @@ from data.tokenize import build_token_dataset  # noqa: E402
 from data.vocab import draft_vocab_entry  # noqa: E402
 from drafters.provenance import record_provenance  # noqa: E402
 from drafters.vocab import draftsmith_meta  # noqa: E402
-from target.model import load_target  # noqa: E402
-from train import kinds  # noqa: E402
+from target.model import load_target, stop_tokens  # noqa: E402
+from train import acceptance, kinds  # noqa: E402
 from train import run_dir  # noqa: E402
 from train.config import ConfigError, TrainConfig, dump_config, load_config  # noqa: E402
 from train.watchdog import StallWatch  # noqa: E402
@@ -61,7 +62,8 @@ class Recipe:
     def build_objective(self) -> torch.nn.Module:
         raise NotImplementedError
 
-    def inference_drafter(self, state: dict) -> torch.nn.Module:
+    def inference_drafter(self, state: dict, measure: bool = True) -> torch.nn.Module:
+        """The drafter in inference form from a gathered state dict; measure: its held-out statistics too."""
         raise NotImplementedError
 
     def save_drafter(self, drafter: torch.nn.Module, path: Path) -> None:
@@ -77,6 +79,9 @@ class Recipe:
         resume = trainer.on_main(d, self._claim_output_dir)
         self.target, self.tokenizer = load_target(cfg.target, dtype=tc.target_dtype, device=str(d.device))
         self._setup_data()
+        if tc.acceptance_every and not self.holdout:
+            raise ValueError(f"training.acceptance_every={tc.acceptance_every} measures on held-out conversations, "
+                             f"and {cfg.data.train} leaves none: raise data.holdout_fraction / data.holdout_max")
         self.objective = self.build_objective()
         self.engine = trainer.build_engine(self.objective, tc, self.total_steps)
         self.step, self.position = 0, (0, 0)  # optimizer steps done; (epoch, next micro-batch) in the data
@@ -87,6 +92,7 @@ class Recipe:
             self.tokens = state.get("tokens", 0)
             self._print(f"resumed from {resume} at step {self.step} (epoch {state['epoch']}, batch {state['batch']})")
         self.metrics = trainer.MetricsLog(cfg.output_dir, cfg.logging, d, self.total_steps, self.step, cfg.to_dict())
+        self.record = acceptance.Record.load(self.out, self.step) if tc.acceptance_every else None
 
     def _claim_output_dir(self) -> Path | None:
         """Main rank, before anything is written: lock the output folder for this run, pick the checkpoint to resume
@@ -178,12 +184,13 @@ class Recipe:
                                                       self.target.config.get_text_config().vocab_size, n)
         return self._draft_vocabs[n]
 
-    def record_draft_vocab(self, config, n: int) -> None:
+    def record_draft_vocab(self, config, n: int, say: bool = True) -> None:
         """The draft vocabulary (see draft_vocab) into config.draftsmith."""
         entry = self.draft_vocab(n)
         config.draftsmith = {**draftsmith_meta(config), **entry}
-        self._print(f"draft vocabulary: the {len(entry['draft_vocab']):,} most frequent training tokens cover "
-                    f"{entry['draft_vocab_heldout_coverage']:.1%} of the held-out assistant tokens")
+        if say:
+            self._print(f"draft vocabulary: the {len(entry['draft_vocab']):,} most frequent training tokens cover "
+                        f"{entry['draft_vocab_heldout_coverage']:.1%} of the held-out assistant tokens")
 
     # --- train -------------------------------------------------------------------------------------------------
 
@@ -201,7 +208,7 @@ class Recipe:
         cfg, engine = self.cfg, self.engine
         window = trainer.Window(self.num_stats)
         deadline = time.monotonic() + 60 * cfg.training.max_minutes if cfg.training.max_minutes else None
-        self.cut = False
+        self.cut = self.stopped_early = False
         epoch, start = self.position
         nonfinite = 0  # micro-batches of this optimizer step with an inf/nan loss
         while self.step < self.total_steps:
@@ -222,12 +229,20 @@ class Recipe:
                 self.metrics.step()
                 last = self.step == self.total_steps
                 self.cut = not last and self._out_of_time(deadline)
-                if self.step % cfg.logging.log_every == 0 or last or self.cut:
+                measured = self.measure_acceptance(last or self.cut)
+                if self.step % cfg.logging.log_every == 0 or last or self.cut or measured:
                     row = window.row(self.d)
                     self.tokens += int(row.pop("window_tokens"))
                     self.metrics.log({"step": self.step, "epoch": epoch + (i + 1) / len(batches), "lr": lr,
-                                      "tokens": self.tokens, **row, **({"cut": True} if self.cut else {}),
+                                      "tokens": self.tokens, **row, **(measured or {}),
+                                      **({"cut": True} if self.cut else {}),
                                       **({"total_steps": self.total_steps} if last or self.cut else {})})
+                patience = cfg.training.early_stop_patience
+                if measured and patience and self.record.stale >= patience and not last:
+                    self.cut = self.stopped_early = True  # ends like max_minutes: a checkpoint, the drafter saved
+                    self._print(f"stopped early after step {self.step}: held-out tau has not improved for "
+                                f"{patience} measurements (best {self.record.best_tau:.3f} at step "
+                                f"{self.record.best_step}; training.early_stop_patience)")
                 every = cfg.checkpoint.every_steps
                 stop = self.step == cfg.training.stop_after and not last
                 if (every and self.step % every == 0) or stop or self.cut:
@@ -236,8 +251,10 @@ class Recipe:
                     self._print(f"stopped after step {self.step} (training.stop_after); re-run to resume")
                     return False
                 if self.cut:
-                    self._print(f"stopped after step {self.step} of {self.total_steps}: training.max_minutes="
-                                f"{cfg.training.max_minutes:g} ran out; saving the drafter as it is (re-run to resume)")
+                    if not self.stopped_early:
+                        self._print(f"stopped after step {self.step} of {self.total_steps}: training.max_minutes="
+                                    f"{cfg.training.max_minutes:g} ran out; saving the drafter as it is (re-run to "
+                                    "resume)")
                     return True
                 if last:
                     return True
@@ -250,6 +267,36 @@ class Recipe:
             return False
         over = torch.tensor([float(time.monotonic() >= deadline)], dtype=torch.float64)
         return bool(trainer.all_reduce_sum(over, self.d.device).item()) if self.d.world_size > 1 else bool(over.item())
+
+    def measure_acceptance(self, final: bool) -> dict | None:
+        """Every training.acceptance_every steps and at the end: the held-out τ of the drafter as it is (main rank
+        measures, every rank learns it), recorded; a new best is saved to drafter-best (checkpoint.select)."""
+        tc = self.cfg.training
+        if self.record is None or (self.step % tc.acceptance_every and not final):
+            return None
+        state = trainer.gathered_state_dict(self.engine.module.drafter, self.d.is_main)  # collective under ZeRO-3
+        tau, alpha = torch.zeros(1, dtype=torch.float64), []
+        if self.d.is_main:
+            with torch.random.fork_rng(devices=[]):  # training's random stream stays as without the measurement
+                result = acceptance.heldout_tau(self.inference_drafter(state, measure=False), self.cfg.drafter.kind,
+                                                self.target, self._heldout_prompts(), tc.acceptance_tokens,
+                                                stop_tokens(self.target, self.tokenizer), tc.acceptance_depth)
+            tau[0], alpha = result["tau"], result["alpha"]
+        if self.d.world_size > 1:
+            tau = trainer.all_reduce_sum(tau, self.d.device)  # the other ranks add 0
+        tau = round(float(tau[0]), 6)
+        if self.record.add(self.step, tau) and self.d.is_main and self.cfg.checkpoint.select == "acceptance":
+            self._save_drafter(state, acceptance.BEST_DIR, {"step": self.step, "heldout_tau": tau})
+        if self.d.is_main:
+            self.record.save(self.out)
+        return {"heldout_tau": tau, "heldout_alpha": [round(a, 4) for a in alpha]}
+
+    def _heldout_prompts(self) -> list[torch.Tensor]:
+        if not hasattr(self, "heldout_prompts"):
+            rows = self.ds[self.holdout]
+            rows = [{"input_ids": i, "loss_mask": m} for i, m in zip(rows["input_ids"], rows["loss_mask"])]
+            self.heldout_prompts = acceptance.heldout_prompts(rows, self.cfg.training.acceptance_prompts)
+        return self.heldout_prompts
 
     def save_checkpoint(self, window: trainer.Window) -> None:
         epoch, batch = self.position
@@ -269,14 +316,31 @@ class Recipe:
         if not self.d.is_main:
             return None
         self.metrics.close_bar()
+        r, best = self.record, self.out / acceptance.BEST_DIR
+        last = None if r is None else {"step": self.step, "heldout_tau": r.taus.get(self.step)}
+        if r is None or self.cfg.checkpoint.select == "last" or r.best_step == self.step or not best.is_dir():
+            drafter = self._save_drafter(state, "drafter", last)
+            shutil.rmtree(best, ignore_errors=True)
+            self._print(f"saved drafter to {self.out / 'drafter'}")
+            return drafter
+        self._save_drafter(state, acceptance.LAST_DIR, last)
+        trainer.publish_dir(best, self.out / "drafter")
+        self._print(f"saved drafter to {self.out / 'drafter'}: step {r.best_step}'s, the best held-out tau "
+                    f"({r.best_tau:.3f}; the last step's {last['heldout_tau']:.3f} is in {acceptance.LAST_DIR}/)")
+        from drafters import load_drafter
+        return load_drafter(str(self.out / "drafter"), self.target).to(self.d.device).eval()
+
+    def _save_drafter(self, state: dict, name: str, heldout: dict | None) -> torch.nn.Module:
+        """Main rank: the drafter of `state` in inference form, measured, saved to <output_dir>/<name> atomically;
+        heldout (its step and held-out τ) recorded in its config."""
         drafter = self.inference_drafter(state)
         record_provenance(drafter.config, self.cfg.drafter.kind, self.target.config, self.cfg.target)
-        final = self.out / "drafter"
-        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".drafter.tmp-"))
+        if heldout is not None:
+            drafter.config.heldout_acceptance = heldout
+        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=f".{name}.tmp-"))
         with reporting_full_disk(self.out, "the drafter"):
             self.save_drafter(drafter, tmp)
-        trainer.publish_dir(tmp, final)
-        self._print(f"saved drafter to {final}")
+        trainer.publish_dir(tmp, self.out / name)
         return drafter
 
     def publish(self, drafter: torch.nn.Module) -> None:

@@ -55,11 +55,11 @@ class DraftLMRecipe(recipe.Recipe):
                                    "from_pretrained": dc.from_pretrained}
         return draft.to(self.d.device)
 
-    def inference_drafter(self, state: dict):
+    def inference_drafter(self, state: dict, measure: bool = True):
         """A fresh copy of the trained draft (same LoRA wrapping) loaded with the gathered weights, in the target's
         dtype; the held-out greedy agreement with the target is recorded in config.draftsmith."""
         dc, trained = self.cfg.drafter, self.engine.module.drafter
-        if self.engine.module.outside:
+        if self.engine.module.outside and measure:
             self._print(f"{self.engine.module.outside:,} supervised positions (this process) were left out: their "
                         f"next token lies outside the {dc.draft_vocab:,}-token draft vocabulary")
         base = unwrap(trained)
@@ -69,8 +69,8 @@ class DraftLMRecipe(recipe.Recipe):
         draft.load_state_dict(state)
         draft = draft.to(device=self.d.device, dtype=self.target.dtype).eval()
         if dc.draft_vocab:
-            self.record_draft_vocab(unwrap(draft).config, dc.draft_vocab)
-        if self.holdout:  # measured as it drafts: over the draft vocabulary when it has one
+            self.record_draft_vocab(unwrap(draft).config, dc.draft_vocab, say=measure)
+        if self.holdout and measure:  # measured as it drafts: over the draft vocabulary when it has one
             vocab = get_draft_vocab(unwrap(draft).config)
             agreement = draft_agreement(draft, self.target, self.holdout_batches(), vocab)
             unwrap(draft).config.draftsmith = {**unwrap(draft).config.draftsmith, "heldout_agreement": agreement}

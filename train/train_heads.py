@@ -40,7 +40,7 @@ class MedusaRecipe(recipe.Recipe):
         drafter = MedusaModel.from_target(self.target, dc.num_heads, dc.num_layers, dc.share_lm_head).float()
         return MedusaObjective(drafter, self.target, tc.head_decay, tc.labels)
 
-    def inference_drafter(self, state: dict) -> MedusaModel:
+    def inference_drafter(self, state: dict, measure: bool = True) -> MedusaModel:
         """The trained heads in the target's dtype, with per-head top-k accuracy on the held-out conversations
         recorded in their config (it sizes the evaluation's tree)."""
         drafter = MedusaModel(copy.deepcopy(self.engine.module.drafter.config))
@@ -48,8 +48,8 @@ class MedusaRecipe(recipe.Recipe):
         drafter = drafter.to(device=self.d.device, dtype=self.target.dtype).eval()
         drafter.attach_target(self.target)
         if self.cfg.drafter.draft_vocab:
-            self.record_draft_vocab(drafter.config, self.cfg.drafter.draft_vocab)
-        if self.holdout:
+            self.record_draft_vocab(drafter.config, self.cfg.drafter.draft_vocab, say=measure)
+        if self.holdout and measure:
             drafter.config.head_topk_accuracy = head_topk_accuracy(drafter, self.target, self.holdout_batches(), TOPK)
             top1 = ", ".join(f"{row[0]:.3f}" for row in drafter.config.head_topk_accuracy)
             self._print(f"held-out top-1 accuracy per head ({len(self.holdout)} conversations): {top1}")
@@ -114,7 +114,7 @@ class EagleRecipe(recipe.Recipe):
             return Eagle1Objective(drafter, self.target, dc.cls_weight, dc.reg_weight, dc.feature_noise)
         return Eagle3Objective(drafter, self.target, dc.ttt_steps, dc.step_decay)
 
-    def inference_drafter(self, state: dict) -> EagleModel:
+    def inference_drafter(self, state: dict, measure: bool = True) -> EagleModel:
         """The trained drafter in the target's dtype, with held-out top-1 accuracy per draft step recorded."""
         dc = self.cfg.drafter
         drafter = EagleModel(copy.deepcopy(self.engine.module.drafter.config))
@@ -122,11 +122,11 @@ class EagleRecipe(recipe.Recipe):
         drafter = drafter.to(device=self.d.device, dtype=self.target.dtype).eval()
         drafter.attach_target(self.target)
         if dc.version == 1 and dc.draft_vocab:
-            self.record_draft_vocab(drafter.config, dc.draft_vocab)
+            self.record_draft_vocab(drafter.config, dc.draft_vocab, say=measure)
         elif dc.version == 3 and dc.draft_vocab:
             coverage = self.draft_vocab(dc.draft_vocab)["draft_vocab_heldout_coverage"]
             drafter.config.draftsmith = {"draft_vocab_heldout_coverage": coverage}
-        if self.holdout:
+        if self.holdout and measure:
             drafter.config.step_accuracy, drafter.config.step_topk_accuracy = self.heldout_accuracy(drafter)
             self._print(f"held-out top-1 accuracy per draft step ({len(self.holdout)} conversations): "
                         + ", ".join(f"{a:.3f}" for a in drafter.config.step_accuracy))

@@ -408,11 +408,13 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.bar is not None:
+            tau = {"tau": f"{row['heldout_tau']:.2f}"} if "heldout_tau" in row else {}
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", sup_tok_s=f"{row['supervised_tokens_per_s']:.0f}",
-                                 tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                                 tok_s=f"{row['tokens_per_s']:.0f}", **tau, refresh=False)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if not isinstance(v, list)} | {
-                f"{name}/head{k}": x for name in ("head_loss", "head_acc") for k, x in enumerate(row.get(name, []))
+                f"{name}/head{k}": x for name in ("head_loss", "head_acc", "heldout_alpha")
+                for k, x in enumerate(row.get(name, []))
             }, step=row["step"])
 
     def close_bar(self) -> None:

@@ -1,0 +1,113 @@
+"""Held-out acceptance while training (train/acceptance.py): τ logged per measured step, the best drafter kept as
+drafter/ (ties: the later step), early stopping, and a resumed run continuing the same record."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_assets import tiny_overrides
+
+from drafters import load_drafter
+from target.model import load_target, stop_tokens
+from train.acceptance import BEST_DIR, LAST_DIR, RECORD, Record, heldout_prompts, heldout_tau
+from train.config import ConfigError, load_config
+from train.kinds import recipe_class
+from train.push import model_card
+from train.recipe import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train(assets, out: Path, kind: str, *overrides: str):
+    cfg = load_config(str(REPO / "configs" / f"{kind}_tiny.yaml"),
+                      tiny_overrides(assets, out, "training.acceptance_every=1", *overrides))
+    return run(recipe_class(cfg.drafter.kind), cfg), cfg
+
+
+def _taus(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["heldout_tau"] for r in rows if "heldout_tau" in r}
+
+
+def test_record_keeps_the_later_of_equal_bests_and_counts_measurements_without_a_rise():
+    r = Record({})
+    assert [r.add(s, t) for s, t in [(1, 1.2), (2, 1.5), (3, 1.5), (4, 1.4)]] == [True, True, True, False]
+    assert (r.best_step, r.best_tau, r.stale) == (3, 1.5, 2)
+    assert r.add(5, 1.6) and r.stale == 0
+
+
+def test_heldout_prompts_are_the_turns_before_the_first_supervised_token():
+    rows = [{"input_ids": [5, 6, 7, 8], "loss_mask": [0, 0, 1, 1]}, {"input_ids": [9, 10], "loss_mask": [1, 1]},
+            {"input_ids": [3, 4, 5], "loss_mask": [0, 1, 0]}]
+    assert [p.tolist() for p in heldout_prompts(rows, 5)] == [[5, 6], [3]]
+    assert len(heldout_prompts(rows, 1)) == 1
+
+
+def test_training_keeps_the_drafter_with_the_best_heldout_tau(assets, tmp_path):
+    """EAGLE-3 at a high learning rate: τ moves from step to step. drafter/ is the best step's drafter (its τ,
+    measured again on the same prompts, is the recorded one), drafter-last/ the last step's when they differ."""
+    out = tmp_path / "run"
+    result, cfg = _train(assets, out, "eagle3", "training.max_steps=4", "training.lr=0.01")
+    taus = _taus(out)
+    assert sorted(taus) == [1, 2, 3, 4] and all(t >= 1 for t in taus.values())
+    best = max(s for s in taus if taus[s] == max(taus.values()))
+    saved = json.loads((out / "drafter" / "config.json").read_text())["heldout_acceptance"]
+    assert saved == {"step": best, "heldout_tau": taus[best]}
+    assert (out / LAST_DIR).is_dir() == (best != 4) and not (out / BEST_DIR).exists()
+    target, tokenizer = load_target(assets["target"])
+    drafter = load_drafter(str(out / "drafter"), target).eval()
+    rows = _heldout_rows(cfg, tokenizer)
+    measured = heldout_tau(drafter, "eagle", target, heldout_prompts(rows, cfg.training.acceptance_prompts),
+                           cfg.training.acceptance_tokens, stop_tokens(target, tokenizer), cfg.training.acceptance_depth)
+    assert round(measured["tau"], 6) == taus[best]
+    card = model_card(str(out / "drafter"), "someone/tiny-eagle3", None)
+    assert f"Saved from training step {best}: held-out τ {taus[best]:.3f}" in card
+    record = json.loads((out / RECORD).read_text())
+    assert record["best_step"] == best and {int(s): t for s, t in record["taus"].items()} == taus
+
+
+def _heldout_rows(cfg, tokenizer) -> list[dict]:
+    """The held-out conversations' tokens as the recipe splits them: the last ones of the token dataset."""
+    from data.embedded import resolve_data
+    from data.tokenize import build_token_dataset
+    c = cfg.data
+    ds, _ = build_token_dataset(resolve_data(c.train), tokenizer, c.max_length, c.cache_dir, c.limit)
+    n = len(ds)
+    rows = ds[n - min(c.holdout_max, int(n * c.holdout_fraction)):]
+    return [{"input_ids": i, "loss_mask": m} for i, m in zip(rows["input_ids"], rows["loss_mask"])]
+
+
+def test_early_stopping_ends_the_run_when_tau_stops_rising(assets, tmp_path):
+    """A learning rate too small to change any draft: τ stays equal, so after `patience` measurements without a
+    rise the run stops, saving the drafter (the later of the equal ones)."""
+    out = tmp_path / "run"
+    result, _ = _train(assets, out, "medusa", "training.max_steps=6", "training.lr=1e-12",
+                       "training.early_stop_patience=2")
+    assert result.finished and result.cut and result.step == 3
+    taus = _taus(out)
+    assert sorted(taus) == [1, 2, 3] and len(set(taus.values())) == 1
+    assert json.loads((out / "drafter" / "config.json").read_text())["heldout_acceptance"]["step"] == 3
+
+
+def test_a_resumed_run_continues_the_same_record(assets, tmp_path):
+    whole, _ = _train(assets, tmp_path / "whole", "medusa", "training.max_steps=4", "training.lr=0.01",
+                      "checkpoint.every_steps=1")
+    part = tmp_path / "part"
+    first, _ = _train(assets, part, "medusa", "training.max_steps=4", "training.lr=0.01", "checkpoint.every_steps=1",
+                      "training.stop_after=2")
+    assert not first.finished
+    _train(assets, part, "medusa", "training.max_steps=4", "training.lr=0.01", "checkpoint.every_steps=1")
+    assert _taus(part) == _taus(tmp_path / "whole")
+    assert json.loads((part / RECORD).read_text()) == json.loads((tmp_path / "whole" / RECORD).read_text())
+    for name in ("drafter", LAST_DIR):
+        assert (part / name).is_dir() == (tmp_path / "whole" / name).is_dir()
+    a = load_drafter(str(part / "drafter")).state_dict()
+    b = load_drafter(str(tmp_path / "whole" / "drafter")).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_needs_the_measurement(assets, tmp_path):
+    with pytest.raises(ConfigError, match="training.early_stop_patience"):
+        load_config(str(REPO / "configs" / "medusa_tiny.yaml"),
+                    tiny_overrides(assets, tmp_path, "training.early_stop_patience=2"))
