@@ -147,7 +147,7 @@ def run_questions(methods: list[Method], questions, tokenizer, config: EvalConfi
 def _lookup_counts(proposer) -> dict | None:
     if getattr(proposer, "lookup", None) is None:
         return None
-    return {"lookup_steps": proposer.lookup_steps, "lookup_accepted": proposer.lookup_accepted}
+    return {"lookup_steps": proposer.steps, "lookup_accepted": proposer.accepted}
 
 
 def run_benchmark(target, tokenizer, drafters: list[Drafter], baselines: list[str], config: EvalConfig, questions,
