@@ -13,8 +13,6 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from target.attention import attention_layout
-
 MIN_ROOM = 256  # positions allocated beyond the first update: a prompt plus a typical answer fits without growing
 
 
@@ -55,8 +53,12 @@ def growing_cache(config: PretrainedConfig) -> DynamicCache:
     layers keep every position too (transformers' own keep only the window, which a rejected draft would have
     pushed out): the window is applied by the attention mask instead, so cache position = sequence position in
     every layer and dropping rejected entries is the same operation everywhere."""
-    attention_layout(config)  # refuses layers with recurrent state
     cache = DynamicCache(config=config)
+    other = sorted({type(layer).__name__ for layer in cache.layers
+                    if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)})
+    if other:  # load_target refuses such targets first, with their layer kinds (target/attention.py)
+        raise ValueError(f"{config.model_type}: cache layers {other} keep a state that cannot drop rejected drafts; "
+                         "use a model whose layers all use full or sliding-window attention")
     cache.layers = [GrowingLayer() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
                     for layer in cache.layers]
     return cache

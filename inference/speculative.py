@@ -221,10 +221,11 @@ def prefill(target: PreTrainedModel, input_ids: torch.Tensor, feature_layers: li
             acceptance: Acceptance, generator: torch.Generator | None) -> tuple[Decoding, torch.Tensor]:
     """The prompt's forward: fills the cache and chooses the first token. Returns the decoding state and what
     the proposer reads of the prompt ([T, H] hidden states, or [T, F] feature_layers outputs) for its begin()."""
+    layout = attention_layout(target.config)  # first: it refuses layers verification cannot roll back
     cache = growing_cache(target.config)
     out = target_forward(target, input_ids[None], past_key_values=cache, logits_at=1, feature_layers=feature_layers)
     seq = Decoding(cache, int(_choose(out.logits[0], acceptance, generator)[0]), feature_layers,
-                   out.hidden_states.dtype, input_ids.device, attention_layout(target.config))
+                   out.hidden_states.dtype, input_ids.device, layout)
     return seq, seq.features(out)[0]
 
 

@@ -285,7 +285,8 @@ class Recipe:
         if self.d.world_size > 1:
             tau = trainer.all_reduce_sum(tau, self.d.device)  # the other ranks add 0
         tau = round(float(tau[0]), 6)
-        if self.record.add(self.step, tau) and self.d.is_main and self.cfg.checkpoint.select == "acceptance":
+        new_best = self.record.add(self.step, tau)
+        if new_best and self.d.is_main and self.cfg.checkpoint.select == "acceptance" and not final:  # final: save()
             self._save_drafter(state, acceptance.BEST_DIR, {"step": self.step, "heldout_tau": tau})
         if self.d.is_main:
             self.record.save(self.out)
