@@ -1,12 +1,12 @@
 """Faster CPU inference for frozen models: linear layers with weights prepacked for oneDNN, and grouped-query
 attention without copies of the KV cache.
 
-Decoding a small model on a CPU is bound by the linear layers. torch's default CPU GEMM (MKL) is slow for the
-few-row inputs of speculative decoding: on the 2-core AMD machines draftsmith is tested on, SmolLM2's 49k-vocab
-LM head took 12 ms for one row and 36 ms for 8, while oneDNN with a prepacked weight took 7 ms and 13 ms
-(`python -m inference.calibrate --target smollm2-135m-instruct` prints both). A verify forward of a few tokens then costs far less than several decode steps,
-which is what speculative decoding needs. Baseline and speculative decoding run the same packed model, so
-speedups stay like-for-like.
+Decoding a small model on a CPU is bound by the linear layers, and torch's default CPU GEMM (MKL) is slow for the
+few-row inputs of speculative decoding; oneDNN with a prepacked weight is much faster there (`python -m
+inference.calibrate --target smollm2-135m-instruct` prints both). One row (plain decoding) goes through the packed
+weight too: torch's GEMV looks faster on one weight timed alone, in cache, but inside a decoding step, where every
+weight streams from memory, it made the plain baseline slower. Baseline and speculative decoding run the same
+packed model, so speedups stay like-for-like (`python -m inference.profile_step` times both).
 
     with packed_linears(target), packed_linears(drafter), grouped_query_attention(target):
         ...  # inference only: no autograd through packed layers
@@ -49,8 +49,6 @@ class PackedLinear(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             raise RuntimeError("PackedLinear is for inference (it has no backward): run it under torch.no_grad()")
         rows = x.reshape(-1, self.in_features).contiguous()                       # [N, in]
-        if rows.shape[0] == 1:  # one row (plain decoding): torch's GEMV streams the weight from memory fastest
-            return F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.detach()
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, bias, "none", [], "")   # [N, out]
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -23,6 +23,17 @@ def test_packed_linear_matches_linear(rows):
     assert packed(x).shape == (2, rows, 80)
 
 
+def test_one_row_goes_through_the_packed_weight_too():
+    """Plain decoding's one-row products use the same packed weight as a verify forward's rows (torch's GEMV, which
+    rounds differently, made the plain baseline slower inside a decoding step)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(384, 96).requires_grad_(False)
+    packed, x = PackedLinear(linear), torch.randn(1, 384)
+    onednn = torch.ops.mkldnn._linear_pointwise(x, packed.packed, linear.bias, "none", [], "")
+    assert not torch.equal(linear(x), onednn)
+    assert torch.equal(packed(x), onednn)
+
+
 def test_packed_linear_refuses_autograd():
     linear = nn.Linear(8, 8)  # trainable
     with pytest.raises(RuntimeError, match="torch.no_grad"):
