@@ -177,6 +177,21 @@ def test_zoo_names_resolve_to_zoo_folders(tmp_path, monkeypatch):
         bench_drafters.parse_drafters(["medusa"], "smollm2-135m-instruct")
 
 
+def test_prompt_lookup_beside_a_drafter_is_counted_per_question(saved, tmp_path):
+    """A drafter with prompt lookup: the copies it verified are counted per question in the raw log (read from the
+    proposer as each question runs) and summed in the results; decoding stays lossless."""
+    results = main(["--target", saved["target"], "--drafters", f"lk={saved['medusa']}@prompt_lookup=2",
+                    "--questions", saved["questions"], "--max-new-tokens", "24", "--tree", "chain",
+                    "--no-progress", "--output", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()[1:]]
+    counts = [row["lookup"]["lk"] for row in rows]
+    proposer, lossless = results["methods"]["lk"]["proposer"], results["methods"]["lk"]["lossless"]
+    assert proposer["lookup_steps"] == sum(c["lookup_steps"] for c in counts) > 0
+    assert proposer["lookup_accepted"] == sum(c["lookup_accepted"] for c in counts)
+    assert all(c["lookup_accepted"] <= 8 * c["lookup_steps"] for c in counts)  # 8 tokens copied at most per step
+    assert lossless == {"checked": 5, "mismatches": 0}
+
+
 def test_hf_assisted_without_a_draft_lm_is_skipped_with_a_note(saved, tmp_path):
     results = main(["--target", saved["target"], "--drafters", saved["medusa"], "--baselines", "hf-assisted",
                     "--questions", saved["questions"], "--limit", "1", "--max-new-tokens", "4", "--tree", "chain",
