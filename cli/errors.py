@@ -13,7 +13,6 @@ This package imports nothing in-house, so that every layer can use it.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import traceback

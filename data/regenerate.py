@@ -25,7 +25,6 @@ written), and sampling draws each (record, turn) from its own generator seeded f
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from cli.errors import ArgumentParser, run_main
 from data.conversations import Conversation, load_conversations
 from data.embedded import resolve_data
 from target.packing import packed_linears
@@ -304,7 +304,7 @@ def regenerate(target: str, source: str, output: str, max_new_tokens: int = 256,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--target", required=True, help="embedded name (smollm2-135m-instruct), path or Hub id")
     p.add_argument("--input", required=True, help="conversations: JSONL / ShareGPT JSON / HF dataset, or 'sharegpt'")
     p.add_argument("--output", required=True, help="JSONL to write (appended to when resuming)")
@@ -327,4 +327,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

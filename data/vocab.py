@@ -5,12 +5,12 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
+from cli.errors import ArgumentParser, run_main
 from data.embedded import resolve_data
 from data.tokenize import build_token_dataset
 from target.model import load_target
@@ -50,7 +50,7 @@ def draft_vocab_entry(ds, num_train: int, holdout: list[int], vocab_size: int, s
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--drafter", required=True, help="a saved drafter folder (its config.json is updated)")
     p.add_argument("--target", required=True, help="the target whose tokenizer renders the data")
     p.add_argument("--data", required=True, help="conversations the drafter was trained on (as data.train)")
@@ -78,4 +78,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,13 +10,13 @@ query head) against `target.packing.grouped_sdpa` (heads shared by the kernel), 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import torch
 
+from cli.errors import ArgumentParser, run_main
 from data.questions import load_questions
 from drafters import load_drafter
 
@@ -70,7 +70,7 @@ def decode_ab(target, tokenizer, drafter, questions: str, limit: int, max_new_to
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", required=True, help="embedded name (smollm2-135m-instruct), path or Hub id")
     p.add_argument("--nodes", type=int, default=6)
     p.add_argument("--context-len", type=int, default=300)
@@ -100,4 +100,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

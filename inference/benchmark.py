@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cli.errors import ArgumentParser, run_main
 from data.questions import load_questions
 from drafters import load_drafter
 from drafters.kinds import get_kind, kind_of
@@ -209,7 +210,7 @@ def write_outputs(results: dict, folder: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--target", required=True, help="embedded name (smollm2-135m-instruct), path or Hub id")
     p.add_argument("--drafters", nargs="+", default=[], metavar="[NAME=]DRAFTER[@key=value]",
                    help="drafter folders, Hub ids or zoo names, each in draftsmith's loop, optionally named and with "
@@ -284,4 +285,4 @@ def main(argv: list[str] | None = None, on_answer: Callable | None = None) -> di
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

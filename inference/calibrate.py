@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from cli.errors import ArgumentParser, run_main
 from .kv_cache import growing_cache
 from .speculative import Acceptance, NoDraft, Proposer, StepClock, prefill, verify_step
 from target.model import target_forward
@@ -179,12 +180,11 @@ def draft_cost_ratio(target: PreTrainedModel, proposer, context_len: int = 256, 
 def main(argv: list[str] | None = None) -> None:
     """Print the target's verify latency per node count, with torch's defaults and with draftsmith's CPU inference
     (oneDNN-packed linear layers, grouped-query attention without KV copies)."""
-    import argparse
 
     from target.model import load_target
     from target.packing import grouped_query_attention, packed_linears
 
-    p = argparse.ArgumentParser(description="Time one verify forward of the target for several tree sizes.")
+    p = ArgumentParser(description="Time one verify forward of the target for several tree sizes.")
     p.add_argument("--target", required=True, help="embedded name (smollm2-135m-instruct), path or Hub id")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--context-len", type=int, default=256)
@@ -202,4 +202,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

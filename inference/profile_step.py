@@ -10,10 +10,10 @@ plain decoding too).
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
+from cli.errors import ArgumentParser, run_main
 from drafters import load_drafter
 from target.model import load_target
 
@@ -41,7 +41,7 @@ def format_profile(costs: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--target", required=True, help="embedded name (smollm2-135m-instruct), path or Hub id")
     p.add_argument("--drafter", required=True, help="a drafter folder saved by draftsmith")
     p.add_argument("--dtype", default="float32")
@@ -63,4 +63,4 @@ def main(argv: list[str] | None = None) -> None:
     print(format_profile(costs))
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,13 +13,13 @@ EAGLE's issue asks <= 1.5 of). Random tokens; the last --assistant share of ever
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cli.errors import ArgumentParser, run_main
 from drafters import EagleModel, MedusaModel
 from drafters.draft_lm import build_draft_lm
 from inference.calibrate import run_seconds
@@ -110,7 +110,7 @@ def measure(kind: str, target, batch: dict, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--shape", default="smollm2-135m", help=", ".join(SHAPES))
     p.add_argument("--drafters", default="medusa,eagle1,eagle3,draft_lm")
     p.add_argument("--batch-size", type=int, default=4)
@@ -159,4 +159,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

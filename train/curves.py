@@ -11,12 +11,11 @@ flattens: the tokens after which it had reached 90 % and 95 % of its last value.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 
-from cli.errors import run_main
+from cli.errors import ArgumentParser, run_main
 
 LIST_ITEM = re.compile(r"^(\w+)\[(\d+)\]$")
 
@@ -103,7 +102,7 @@ def write_curves(runs: dict[str, str | Path], field: str, output: str | Path | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("runs", nargs="+", help="training output folders (each with metrics.jsonl)")
     p.add_argument("--field", default="chain_tau", help="the metric: a field, name[i], or chain_tau")
     p.add_argument("--depth", type=int, default=5, help="chain_tau: draft depth")

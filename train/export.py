@@ -11,7 +11,6 @@ eagle_config ids are too, vLLM's and speculators' top-level ids are hidden_state
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli.errors import ArgumentParser, run_main
 from drafters.eagle import default_feature_layers
 from target.embedded import EMBEDDED_TARGET_SOURCES
 
@@ -455,7 +455,7 @@ def with_dtype(config: dict, dtype: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--drafter", required=True, help="a drafter folder saved by draftsmith (EAGLE-3, EAGLE-1, Medusa)")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="sglang: EAGLE-3 native, EAGLE-1 LlamaForCausalLMEagle; vllm: EAGLE-3 speculators, EAGLE-1, "
@@ -480,4 +480,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,8 +5,8 @@ instead of running the target:
 """
 from __future__ import annotations
 
-import argparse
 
+from cli.errors import ArgumentParser, run_main
 from data.embedded import resolve_data
 from data.features import dump_features, manifest_for
 from data.tokenize import build_token_dataset
@@ -16,7 +16,7 @@ from train.config import load_config
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--config", required=True, help="an EAGLE training config (target, data, drafter sections)")
     p.add_argument("--output", help="the cache folder (default: the config's drafter.features)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -47,4 +47,4 @@ def feature_layers_of(cfg, target) -> list[int] | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,7 +17,6 @@ others go on. Re-running the same command continues each stage where it stopped.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -28,14 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-from cli.errors import run_main
+from cli.errors import ArgumentParser, run_main
 from train.config import load_dataclass
 from train.pipeline_config import PipelineConfig
 from train.stages import Stage, run_stages
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--config", required=True, help="YAML file (configs/pipeline_*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. regenerate.limit=1000 device=cpu")
     args = p.parse_args(argv)

@@ -9,7 +9,6 @@ uploaded as one commit. --dry-run copies that exact folder to OUT instead of upl
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from transformers import AutoConfig
 
 import drafters  # noqa: F401  (registers the drafter configs with AutoConfig)
+from cli.errors import ArgumentParser, run_main
 from drafters.provenance import provenance
 from target.embedded import EMBEDDED_TARGET_SOURCES
 
@@ -204,7 +204,7 @@ def push_drafter(drafter_dir: str, repo_id: str, private: bool = False, eval_pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--drafter", required=True, help="the drafter folder of a run (<output_dir>/drafter)")
     p.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
     p.add_argument("--private", action="store_true")
@@ -220,4 +220,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

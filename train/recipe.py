@@ -13,7 +13,6 @@ Data, batching, resume, checkpoints, logging, the final evaluation and the push 
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from cli.errors import ArgumentParser
 from train import trainer  # first: it sets DS_ACCELERATOR before anything imports deepspeed
 from cli.files import reporting_full_disk  # noqa: E402
 from data.batching import collate, length_bucketed_batches, padding_fraction  # noqa: E402
@@ -404,7 +404,7 @@ def run(recipe_cls: type[Recipe], cfg: TrainConfig, local_rank: int | None = Non
 
 
 def parse_args(argv: list[str] | None, description: str) -> tuple[TrainConfig, int | None]:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=description)
     p.add_argument("--config", help="YAML file (configs/*.yaml)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. training.lr=3e-4 output_dir=runs/x")

@@ -9,11 +9,11 @@ from other processes only adds time).
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 
 import torch
 
+from cli.errors import ArgumentParser, run_main
 from train import recipe  # first: it sets DS_ACCELERATOR before anything imports deepspeed
 from inference.calibrate import run_seconds  # noqa: E402
 from target.model import target_forward  # noqa: E402
@@ -22,7 +22,7 @@ from train.kinds import recipe_class  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
@@ -63,4 +63,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

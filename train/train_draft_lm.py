@@ -17,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the repository's packages, not train/'s modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from cli.errors import run_main  # noqa: E402
 from train import recipe  # noqa: E402  (first: it sets DS_ACCELERATOR before anything imports deepspeed)
 from drafters.draft_lm import DRAFT_LM_KIND, add_lora, build_draft_lm, load_draft_lm, save_draft  # noqa: E402
 from drafters.vocab import get_draft_vocab  # noqa: E402
@@ -94,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

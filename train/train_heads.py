@@ -20,6 +20,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: import the repository's packages, not train/'s modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from cli.errors import run_main  # noqa: E402
 from train import recipe  # noqa: E402  (first: it sets DS_ACCELERATOR before anything imports deepspeed)
 from drafters import EagleModel, MedusaModel  # noqa: E402
 from train import kinds  # noqa: E402
@@ -167,4 +168,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

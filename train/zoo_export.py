@@ -9,11 +9,10 @@ gets a card that says what is known: the kind, the target and what is stored.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from cli.errors import run_main
+from cli.errors import ArgumentParser, run_main
 from drafters import load_drafter
 from drafters.zoo import WEIGHTS, save_zoo_drafter
 from target.model import load_target
@@ -31,7 +30,7 @@ def export(drafter_dir: str, target, target_name: str, output: str, name: str | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--target", required=True, help="the target the drafter was trained for (embedded name or path)")
     p.add_argument("--drafter", required=True, help="a drafter folder saved by training (<output_dir>/drafter)")
     p.add_argument("--output", required=True, help="the zoo folder to write, e.g. zoo/<target>/<name>")
