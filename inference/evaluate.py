@@ -19,18 +19,22 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import platform
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cli.errors import ArgumentParser, run_main
 from data.questions import load_questions
 from drafters import load_drafter
 from drafters.draft_lm import check_draft_vocab
@@ -62,14 +66,29 @@ def answer(generate, tokenizer, turns: list[str], max_new_tokens: int, device=No
 
 
 def evaluate_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, drafter, config: EvalConfig,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, questions: list | None = None,
+                     on_question: Callable[[dict], None] | None = None) -> dict:
     """Run the evaluation and return the report (see the module docstring), with target and drafter set up as
-    `inference_setup` does."""
-    qs = load_questions(config.questions, per_category=config.per_category, limit=config.limit)
+    `inference_setup` does. questions: config.questions loaded already (None: load them here);
+    on_question(report): after each question but the last, the report so far (marked "partial")."""
+    qs = questions if questions is not None else evaluation_questions(config)
     with inference_setup(target, drafter, config) as (drafter, setup):
-        report = _evaluate(target, tokenizer, drafter, qs, config, progress)
-    report["setup"].update(questions=config.questions, **setup)
+        def with_setup(report: dict) -> dict:
+            report["setup"].update(questions=config.questions, **setup)
+            return report
+
+        partial = None if on_question is None else (lambda report: on_question(with_setup(report)))
+        report = with_setup(_evaluate(target, tokenizer, drafter, qs, config, progress, partial))
     return report
+
+
+def evaluation_questions(config: EvalConfig) -> list:
+    """config.questions as the evaluation runs them; refused when the selection leaves none."""
+    qs = load_questions(config.questions, per_category=config.per_category, limit=config.limit)
+    if not qs:
+        raise ValueError(f"--questions {config.questions}: no questions to evaluate on; give a Spec-Bench-format "
+                         f"JSONL with at least one question")
+    return qs
 
 
 @contextmanager
@@ -137,7 +156,8 @@ def hf_lookup_settings(config: EvalConfig) -> dict:
                 max_matching_ngram_size=config.prompt_lookup or HF_LOOKUP_NGRAM)
 
 
-def _evaluate(target, tokenizer, drafter, qs, config: EvalConfig, progress: bool) -> dict:
+def _evaluate(target, tokenizer, drafter, qs, config: EvalConfig, progress: bool,
+              on_question: Callable[[dict], None] | None = None) -> dict:
     torch.manual_seed(config.seed)  # transformers' sampling draws from the global generator
     gen = torch.Generator().manual_seed(config.seed)
     proposer, proposer_setup = make_proposer(drafter, target, temperature=config.temperature, generator=gen,
@@ -145,61 +165,83 @@ def _evaluate(target, tokenizer, drafter, qs, config: EvalConfig, progress: bool
     eos = stop_tokens(target, tokenizer)
     counter = ForwardCounter(target) if config.compare_hf else None
     methods = _methods(target, drafter, proposer, config, eos, gen, counter)
-    max_new_tokens, check_lossless = config.max_new_tokens, config.check_lossless
+    max_new_tokens = config.max_new_tokens
     for generate in methods.values():  # warm-up, not counted
         answer(generate, tokenizer, ["Hello!"], 8, target.device)
-    copies = isinstance(proposer, LookupProposer)  # draftsmith's prompt lookup: count its steps from here
-    if copies:
+    if isinstance(proposer, LookupProposer):  # draftsmith's prompt lookup: count its steps from here
         proposer.steps = proposer.accepted = 0
-    tallies = {name: defaultdict(Tally) for name in methods if name != "plain"}
-    checked, mismatches, answers = 0, defaultdict(int), []
+    done = _Done({name: defaultdict(Tally) for name in methods if name != "plain"})
     for i, q in enumerate(qs):
         results = {name: answer(generate, tokenizer, q.turns, max_new_tokens, target.device)
                    for name, generate in methods.items()}  # plain first, then each method, on the same machine
-        answers.append(answer_record(q, results["plain"], tokenizer, eos))
-        for turn, base in enumerate(results["plain"]):
-            checked += 1
-            for name in tallies:
-                tallies[name][q.category].add(results[name][turn], base)
-                mismatches[name] += results[name][turn].tokens != base.tokens
+        done.add(q, results, tokenizer, eos)
         if progress:
             print(f"[{i + 1}/{len(qs)}] {q.category}: tau so far "
-                  f"{tallies['draftsmith'][q.category].summary()['tau']:.2f}", file=sys.stderr)
+                  f"{done.tallies['draftsmith'][q.category].summary()['tau']:.2f}", file=sys.stderr)
+        if on_question is not None and i + 1 < len(qs):
+            on_question(_report(target, drafter, proposer, proposer_setup, config, done, len(qs)))
     if counter is not None:
         counter.handle.remove()
-    overall, per_category = summaries(tallies["draftsmith"])
+    return _report(target, drafter, proposer, proposer_setup, config, done, len(qs))
+
+
+@dataclass
+class _Done:
+    """What the questions answered so far measured: per method and category tallies, lossless checks, answers."""
+    tallies: dict
+    questions: int = 0
+    checked: int = 0
+    mismatches: dict = field(default_factory=lambda: defaultdict(int))
+    answers: list = field(default_factory=list)
+
+    def add(self, q, results: dict, tokenizer, eos: set[int]) -> None:
+        self.questions += 1
+        self.answers.append(answer_record(q, results["plain"], tokenizer, eos))
+        for turn, base in enumerate(results["plain"]):
+            self.checked += 1
+            for name in self.tallies:
+                self.tallies[name][q.category].add(results[name][turn], base)
+                self.mismatches[name] += results[name][turn].tokens != base.tokens
+
+
+def _report(target, drafter, proposer, proposer_setup: dict, config: EvalConfig, done: _Done, num_questions: int):
+    """The report of the questions done; with "partial" while some of the num_questions are still to run."""
+    overall, per_category = summaries(done.tallies["draftsmith"])
     report = {
         "overall": overall,
         "per_category": per_category,
         "setup": {
             "target": target.config._name_or_path, "drafter_kind": kind_of(drafter),
-            "drafter_target": drafter_target(drafter), "num_questions": len(qs),
-            "max_new_tokens": max_new_tokens, "temperature": config.temperature,
+            "drafter_target": drafter_target(drafter), "num_questions": done.questions,
+            "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
             "acceptance": acceptance_name(config.temperature, config.typical_acceptance),
             "dtype": str(target.get_output_embeddings().weight.dtype).removeprefix("torch."),
             "device": str(target.device), "torch_threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(), "proposer": proposer_setup,
+            "machine": platform.processor() or platform.machine(), "proposer": dict(proposer_setup),
         },
     }
+    if done.questions < num_questions:
+        report["partial"] = {"questions_done": done.questions, "of": num_questions}
+    copies = isinstance(proposer, LookupProposer)
     if copies:
         report["setup"]["proposer"].update(lookup_steps=proposer.steps, lookup_accepted=proposer.accepted)
     if "calibration" in proposer_setup:  # --tree auto: the cost model's prediction against this measurement
         report["prediction"] = prediction(proposer_setup, overall, copies)
-    if check_lossless:
-        report["lossless"] = {"checked": checked, "mismatches": mismatches["draftsmith"]}
-    report["answers"], report["answer_repetition"] = answers, answer_repetition(answers)
-    for name in [n for n in tallies if n != "draftsmith"]:  # transformers' loops
-        hf_overall, hf_per_category = summaries(tallies[name])
+    if config.check_lossless:
+        report["lossless"] = {"checked": done.checked, "mismatches": done.mismatches["draftsmith"]}
+    report["answers"], report["answer_repetition"] = done.answers, answer_repetition(done.answers)
+    for name in [n for n in done.tallies if n != "draftsmith"]:  # transformers' loops
+        hf_overall, hf_per_category = summaries(done.tallies[name])
         settings = hf_assistant_settings(drafter) if name == "hf_assisted" else hf_lookup_settings(config)
         report[name] = {"overall": hf_overall, "per_category": hf_per_category, "settings": settings}
-        if check_lossless:
-            report[name]["lossless"] = {"checked": checked, "mismatches": mismatches[name]}
+        if config.check_lossless:
+            report[name]["lossless"] = {"checked": done.checked, "mismatches": done.mismatches[name]}
     return report
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: --target, --drafter, --output, --dtype, and one flag per EvalConfig field (its help and default)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--target", required=True, help="embedded name (smollm2-135m-instruct), path or Hub id")
     p.add_argument("--drafter", required=True, help="a drafter folder saved by draftsmith (or a Hub id)")
     p.add_argument("--output", help="write the JSON report here")
@@ -271,15 +313,21 @@ def main(argv: list[str] | None = None) -> None:
         kind = saved_kind(args.drafter)
         if kind is not None:
             config.check_kind(kind)
+        questions = evaluation_questions(config)
     except (ConfigError, ValueError) as err:
         p.error(flag_message(err))
+    save = None
+    if args.output:  # its folder made (or refused) before anything runs; the report rewritten after each question
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        save = functools.partial(write_report, path=args.output)
+        save({"partial": {"questions_done": 0, "of": len(questions)}})
     target, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device)
     drafter = load_drafter(args.drafter, target).to(target.dtype)
-    report = evaluate_drafter(target, tokenizer, drafter, config)
+    report = evaluate_drafter(target, tokenizer, drafter, config, questions=questions, on_question=save)
     print(format_table(report))
-    if args.output:
-        write_report(report, args.output)
+    if save is not None:
+        save(report)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -197,3 +197,41 @@ def test_repeated_ngrams_counts_tokens_that_end_an_earlier_ngram():
                {"new_tokens": [4], "stopped": [True], "repeated": [1]}]
     assert answer_repetition(answers) == {"ngram": 8, "turns": 3, "turns_at_budget": 1, "repeated_share": 0.25}
     assert answer_repetition([])["repeated_share"] == 0.0
+
+
+def test_a_killed_evaluation_keeps_the_report_of_the_questions_done(saved, tmp_path, monkeypatch):
+    """--output in a folder that does not exist yet is made before anything runs, and the report is rewritten after
+    each question: a kill in question 3 leaves the report of questions 1 and 2, marked partial."""
+    import inference.evaluate as evaluate
+
+    calls, answer = [], evaluate.answer
+
+    def killed_in_question_3(generate, *args, **kwargs):
+        calls.append(generate)
+        if len(calls) == 2 + 2 * 2 + 1:  # the warm-ups of plain and draftsmith, two questions of both, then a kill
+            raise KeyboardInterrupt
+        return answer(generate, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "answer", killed_in_question_3)
+    out = tmp_path / "not" / "yet" / "eval.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--target", saved["target"], "--drafter", saved["drafter"], "--questions", saved["questions"],
+              "--output", str(out), "--max-new-tokens", "8", "--tree", "chain", "--check-lossless"])
+    report = json.loads(out.read_text())
+    assert report["partial"] == {"questions_done": 2, "of": 4}
+    assert report["setup"]["num_questions"] == 2 and len(report["answers"]) == 2
+    assert report["lossless"] == {"checked": 3, "mismatches": 0}  # question 0 has two turns
+    assert report["setup"]["questions"] == saved["questions"] and "packed_linear_layers" in report["setup"]
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_an_empty_question_selection_is_refused_before_anything_loads(saved, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as stop:
+        main(["--target", str(tmp_path / "no-target"), "--drafter", saved["drafter"], "--questions", str(empty),
+              "--output", str(tmp_path / "eval.json")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(empty) in err and "no questions" in err
+    assert not (tmp_path / "eval.json").exists()
