@@ -10,7 +10,8 @@ from tiny_assets import tiny_overrides
 
 from drafters import load_drafter
 from target.model import load_target, stop_tokens
-from train.acceptance import BEST_DIR, LAST_DIR, RECORD, Record, heldout_prompts, heldout_tau
+from train.acceptance import (BEST_DIR, LAST_DIR, RECORD, Answers, Record, chain_proposer, greedy_path,
+                              heldout_prompts, heldout_tau, loop_tau, teacher_forced_accepts)
 from train.config import ConfigError, load_config
 from train.kinds import recipe_class
 from train.push import model_card
@@ -58,8 +59,9 @@ def test_training_keeps_the_drafter_with_the_best_heldout_tau(assets, tmp_path):
     target, tokenizer = load_target(assets["target"])
     drafter = load_drafter(str(out / "drafter"), target).eval()
     rows = _heldout_rows(cfg, tokenizer)
-    measured = heldout_tau(drafter, "eagle", target, heldout_prompts(rows, cfg.training.acceptance_prompts),
-                           cfg.training.acceptance_tokens, stop_tokens(target, tokenizer), cfg.training.acceptance_depth)
+    answers = Answers(target, heldout_prompts(rows, cfg.training.acceptance_prompts), cfg.training.acceptance_tokens,
+                      stop_tokens(target, tokenizer))
+    measured = heldout_tau(drafter, "eagle", target, answers, cfg.training.acceptance_depth)
     assert round(measured["tau"], 6) == taus[best]
     card = model_card(str(out / "drafter"), "someone/tiny-eagle3", None)
     assert f"Saved from training step {best}: held-out τ {taus[best]:.3f}" in card
@@ -111,3 +113,56 @@ def test_early_stopping_needs_the_measurement(assets, tmp_path):
     with pytest.raises(ConfigError, match="training.early_stop_patience"):
         load_config(str(REPO / "configs" / "medusa_tiny.yaml"),
                     tiny_overrides(assets, tmp_path, "training.early_stop_patience=2"))
+
+
+def test_greedy_path_follows_the_children_that_carry_the_answer():
+    from inference.tree import TokenTree
+
+    tree = TokenTree(torch.tensor([9, 4, 5, 6, 7]), [-1, 0, 0, 2, 2])  # root 9: children 4 and 5; 5: 6 and 7
+    assert greedy_path(tree, [5, 7, 1]) == [0, 2, 4]
+    assert greedy_path(tree, [4, 6]) == [0, 1]
+    assert greedy_path(tree, [3]) == [0] and greedy_path(tree, []) == [0]
+
+
+def _drafters(target):
+    from conftest import perturbed_medusa
+    from drafters import EagleModel
+    from drafters.draft_lm import build_draft_lm
+
+    torch.manual_seed(1)
+    eagles = {}
+    for version in (1, 3):
+        eagle = EagleModel.from_target(target, version=version)
+        with torch.no_grad():
+            for p in eagle.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.02)
+        eagle.attach_target(target)
+        eagles[f"eagle{version}"] = ("eagle", eagle.eval())
+    return {"medusa": ("medusa", perturbed_medusa(target)), **eagles,
+            "draft_lm": ("draft_lm", build_draft_lm(target, 2, [0]).eval())}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_teacher_forced_tau_is_the_loops_tau_for_every_kind(arch):
+    """The estimate drafts against the target's own greedy answers with the features of one forward; the loop
+    decodes those answers with verify forwards. Under greedy acceptance both take the same steps: the same
+    accepted lengths (the last step's may differ: the loop also compares drafts past the answer's end) and τ."""
+    from conftest import make_tiny_target
+
+    target = make_tiny_target(arch).eval()
+    prompts = [torch.tensor([5, 17, 99, 3, 42, 7]), torch.tensor([8, 8, 120, 64, 3])]
+    answers = Answers(target, prompts, 24, set())
+    accepted = 0
+    for name, (kind, drafter) in _drafters(target).items():
+        estimate = heldout_tau(drafter, kind, target, answers, depth=3)
+        loop = loop_tau(drafter, kind, target, prompts, 24, set(), depth=3)
+        assert estimate["tau"] == pytest.approx(loop["tau"], abs=1e-12), name
+        proposer = chain_proposer(drafter, kind, target, 3)
+        for prompt, answer in zip(prompts, answers.of(getattr(proposer, "feature_layers", None))):
+            from inference.speculative import speculative_generate
+            steps = teacher_forced_accepts(proposer, answer)
+            real = speculative_generate(target, proposer, prompt, 24, set()).accept_lengths
+            assert steps[:-1] == real[:-1] and len(steps) == len(real), name
+            accepted += sum(steps)
+    assert accepted > 0  # some drafts were accepted: the steps had something to agree on

@@ -1,6 +1,13 @@
-"""Held-out acceptance while training (training.acceptance_every): the verification loop's τ with a greedy chain
-from the drafter as it is, on the first turns of the held-out conversations; the best drafter by that τ
-(checkpoint.select: acceptance) and early stopping (training.early_stop_patience) follow it."""
+"""Held-out acceptance while training (training.acceptance_every): the τ of greedy chain drafting by the drafter as
+it is, on the target's own greedy answers to the first turns of held-out conversations; the best drafter by that
+τ (checkpoint.select: acceptance) and early stopping (training.early_stop_patience) follow it.
+
+The τ is teacher-forced: the target answers each prompt once (plain decoding) and one forward over prompt and
+answer gives its features at every position; then the drafter's own proposer drafts against that answer, step
+by step, fed the tokens and features the verification loop would feed it. Under greedy acceptance the loop's
+steps are exactly these, so the estimate is the loop's τ on those answers (up to float rounding between one
+forward and the loop's verify forwards) at the cost of the drafter's forwards alone. `loop_tau` runs the loop
+itself (training.acceptance_loop)."""
 from __future__ import annotations
 
 import json
@@ -27,22 +34,103 @@ def heldout_prompts(rows: list[dict], n: int) -> list[torch.Tensor]:
     return prompts
 
 
+@dataclass
+class Answer:
+    """A held-out prompt and the target's greedy answer to it, with what a proposer reads of the target there."""
+    ids: torch.Tensor        # [P + n]: the prompt, then the answer (its first token is the prefill's choice)
+    prompt_len: int          # P
+    features: torch.Tensor   # [P + n, F]: last hidden states, or the proposer's feature layers (EAGLE-3)
+
+
+class Answers:
+    """The target's greedy answers to the held-out prompts, made once (the target is frozen) and read again at
+    every measurement; features per set of feature layers that a proposer reads."""
+
+    def __init__(self, target, prompts: list[torch.Tensor], max_new_tokens: int, eos: set[int]):
+        from inference.speculative import plain_generate  # inference is loaded only when measuring
+
+        self.target, self.prompts, self._features = target, [p.to(target.device) for p in prompts], {}
+        with torch.no_grad():
+            self.tokens = [plain_generate(target, p, max_new_tokens, eos).tokens for p in self.prompts]
+
+    def of(self, feature_layers: list[int] | None) -> list[Answer]:
+        key = tuple(feature_layers or ())
+        if key not in self._features:
+            self._features[key] = [self._answer(p, t, feature_layers) for p, t in zip(self.prompts, self.tokens)]
+        return self._features[key]
+
+    @torch.no_grad()
+    def _answer(self, prompt: torch.Tensor, tokens: list[int], feature_layers: list[int] | None) -> Answer:
+        from target.model import target_forward
+
+        ids = torch.cat([prompt, torch.tensor(tokens, dtype=prompt.dtype, device=prompt.device)])
+        out = target_forward(self.target, ids[None], logits_at=0, feature_layers=feature_layers)
+        return Answer(ids, len(prompt), (out.features if feature_layers else out.hidden_states)[0])
+
+
+def greedy_path(tree, answer: list[int]) -> list[int]:
+    """The tree's nodes (root first) that greedy verification accepts when the target's next tokens are `answer`:
+    from the root, the child carrying the next token, while there is one."""
+    tokens, path = tree.tokens.tolist(), [0]
+    for want in answer:
+        child = next((i for i, p in enumerate(tree.parents) if p == path[-1] and tokens[i] == want), None)
+        if child is None:
+            break
+        path.append(child)
+    return path
+
+
 @torch.no_grad()
-def heldout_tau(drafter, kind: str, target, prompts: list[torch.Tensor], max_new_tokens: int,
-                eos: set[int], depth: int) -> dict:
-    """{tau, alpha}: tokens per target forward of greedy chain drafting (prefill excluded) over the prompts, and
-    α_k = P(draft k accepted | drafts 1..k-1 accepted) for k = 1..depth."""
-    from inference.proposer_setup import make_proposer  # inference is loaded only when measuring
-    from inference.speculative import speculative_generate
+def teacher_forced_accepts(proposer, answer: Answer) -> list[int]:
+    """The drafts accepted at each verify step of a greedy decode of `answer`: the proposer drafts from each root
+    (the last token the target chose), the target's answer decides, and the proposer is updated with the accepted
+    path's tokens and the target's features there, as inference.speculative.verify_step updates it."""
+    ids, r = answer.ids.tolist(), answer.prompt_len   # r: the root's position
+    proposer.begin(answer.ids[:r], answer.features[:r])
+    accepts = []
+    while r < len(ids) - 1:  # the loop stops once the answer is out: its last token is the last step's bonus
+        path = greedy_path(proposer.propose(ids[r]), ids[r + 1:])
+        accepts.append(len(path) - 1)
+        proposer.update(answer.ids[r:r + len(path)], answer.features[r:r + len(path)])
+        r += len(path)
+    return accepts
+
+
+def chain_proposer(drafter, kind: str, target, depth: int):
+    """The drafter's proposer drafting greedy chains of `depth` tokens."""
+    from inference.proposer_setup import make_proposer
 
     options = {"tree": "chain", "tree_depth": depth} if kind != "draft_lm" else {"draft_k": depth, "adaptive_k": False}
-    proposer, _ = make_proposer(drafter, target, **options)
-    accepted: list[int] = []
-    tokens = 0
+    return make_proposer(drafter, target, **options)[0]
+
+
+def heldout_tau(drafter, kind: str, target, answers: Answers, depth: int) -> dict:
+    """{tau, alpha}: teacher-forced tokens per target forward of greedy chain drafting (prefill excluded) over the
+    held-out answers, and α_k = P(draft k accepted | drafts 1..k-1 accepted) for k = 1..depth."""
+    proposer = chain_proposer(drafter, kind, target, depth)
+    accepted, tokens = [], 0
+    for answer in answers.of(getattr(proposer, "feature_layers", None)):
+        accepted += teacher_forced_accepts(proposer, answer)
+        tokens += len(answer.ids) - answer.prompt_len - 1  # the prefill's token is plain decoding's
+    return summary(accepted, tokens, depth)
+
+
+@torch.no_grad()
+def loop_tau(drafter, kind: str, target, prompts: list[torch.Tensor], max_new_tokens: int, eos: set[int],
+             depth: int) -> dict:
+    """{tau, alpha} of the verification loop itself, greedy chains of `depth`, answering the prompts."""
+    from inference.speculative import speculative_generate
+
+    proposer = chain_proposer(drafter, kind, target, depth)
+    accepted, tokens = [], 0
     for prompt in prompts:
         result = speculative_generate(target, proposer, prompt.to(target.device), max_new_tokens, eos)
         accepted += result.accept_lengths
-        tokens += len(result.tokens) - 1  # the prefill's token is plain decoding's
+        tokens += len(result.tokens) - 1
+    return summary(accepted, tokens, depth)
+
+
+def summary(accepted: list[int], tokens: int, depth: int) -> dict:
     reached = [sum(a >= k for a in accepted) for k in range(depth + 1)]   # steps with at least k accepted
     alpha = [reached[k] / reached[k - 1] if reached[k - 1] else 0.0 for k in range(1, depth + 1)]
     return {"tau": tokens / max(len(accepted), 1), "alpha": alpha}

@@ -159,8 +159,9 @@ class TrainingConfig:
     target_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     timeout_minutes: float = 30.0  # a collective between ranks that waits longer (a frozen or dead peer) ends the run
     acceptance_every: int | None = None  # steps between held-out τ measurements (train/acceptance.py); null: off
-    acceptance_prompts: int = 4  # held-out conversations whose first turn is answered with chain drafting
+    acceptance_prompts: int = 4  # held-out conversations whose first turn the target answers (greedy), once
     acceptance_tokens: int = 32  # new tokens per answer
+    acceptance_loop: bool = False  # also run the verification loop itself on those prompts (heldout_loop_tau; slower)
     acceptance_depth: int = 4  # draft tokens per chain
     early_stop_patience: int | None = None  # stop after this many held-out τ measurements without a new best
 

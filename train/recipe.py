@@ -275,12 +275,16 @@ class Recipe:
         if self.record is None or (self.step % tc.acceptance_every and not final):
             return None
         state = trainer.gathered_state_dict(self.engine.module.drafter, self.d.is_main)  # collective under ZeRO-3
-        tau, alpha = torch.zeros(1, dtype=torch.float64), []
+        tau, alpha, loop = torch.zeros(1, dtype=torch.float64), [], None
         if self.d.is_main:
+            drafter, kind = self.inference_drafter(state, measure=False), self.cfg.drafter.kind
             with torch.random.fork_rng(devices=[]):  # training's random stream stays as without the measurement
-                result = acceptance.heldout_tau(self.inference_drafter(state, measure=False), self.cfg.drafter.kind,
-                                                self.target, self._heldout_prompts(), tc.acceptance_tokens,
-                                                stop_tokens(self.target, self.tokenizer), tc.acceptance_depth)
+                result = acceptance.heldout_tau(drafter, kind, self.target, self._heldout_answers(),
+                                                tc.acceptance_depth)
+                if tc.acceptance_loop:
+                    loop = acceptance.loop_tau(drafter, kind, self.target, self._heldout_answers().prompts,
+                                               tc.acceptance_tokens, stop_tokens(self.target, self.tokenizer),
+                                               tc.acceptance_depth)["tau"]
             tau[0], alpha = result["tau"], result["alpha"]
         if self.d.world_size > 1:
             tau = trainer.all_reduce_sum(tau, self.d.device)  # the other ranks add 0
@@ -290,14 +294,18 @@ class Recipe:
             self._save_drafter(state, acceptance.BEST_DIR, {"step": self.step, "heldout_tau": tau})
         if self.d.is_main:
             self.record.save(self.out)
-        return {"heldout_tau": tau, "heldout_alpha": [round(a, 4) for a in alpha]}
+        row = {"heldout_tau": tau, "heldout_alpha": [round(a, 4) for a in alpha]}
+        return row if loop is None else {**row, "heldout_loop_tau": round(loop, 6)}
 
-    def _heldout_prompts(self) -> list[torch.Tensor]:
-        if not hasattr(self, "heldout_prompts"):
+    def _heldout_answers(self) -> acceptance.Answers:
+        """The target's greedy answers to the first turns of training.acceptance_prompts held-out conversations."""
+        if not hasattr(self, "heldout_answers"):
             rows = self.ds[self.holdout]
             rows = [{"input_ids": i, "loss_mask": m} for i, m in zip(rows["input_ids"], rows["loss_mask"])]
-            self.heldout_prompts = acceptance.heldout_prompts(rows, self.cfg.training.acceptance_prompts)
-        return self.heldout_prompts
+            prompts = acceptance.heldout_prompts(rows, self.cfg.training.acceptance_prompts)
+            self.heldout_answers = acceptance.Answers(self.target, prompts, self.cfg.training.acceptance_tokens,
+                                                      stop_tokens(self.target, self.tokenizer))
+        return self.heldout_answers
 
     def save_checkpoint(self, window: trainer.Window) -> None:
         epoch, batch = self.position
