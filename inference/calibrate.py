@@ -152,6 +152,30 @@ def choose_tree(accuracy: list[list[float]], node_counts, step_costs: Callable[[
                       table, cost_row(plain))
 
 
+def chain_tau(agreement: float, k: int) -> float:
+    """Expected tokens per verify step of a k-token greedy chain whose tokens each agree with the target's with
+    probability p, independently (Leviathan et al.: (1 - p^(k+1)) / (1 - p))."""
+    return float(k + 1) if agreement >= 1 else (1 - agreement ** (k + 1)) / (1 - agreement)
+
+
+def choose_chain(agreement: float, ks, step_costs: Callable, min_speedup: float = 1.0) -> tuple[dict, bool]:
+    """A draft LM's cost model: for each chain length k, tau from its held-out greedy agreement with the target
+    (chain_tau) and real loop steps timed with step_costs(k) (step_costs(None): plain decoding). Returns the
+    calibration record (as calibrated trees write it; nodes = k + 1) and whether the best k is predicted at least
+    min_speedup times faster than plain decoding."""
+    plain = step_costs(None)
+    table = []
+    for k in ks:
+        tau, costs = chain_tau(agreement, k), step_costs(k)
+        table.append({"nodes": k + 1, "expected_tau": tau, **cost_row(costs),
+                      "predicted_speedup": tau * plain["step"] / costs["step"]})
+    best = max(table, key=lambda row: row["predicted_speedup"])
+    pays = best["predicted_speedup"] >= min_speedup
+    return {"plain": cost_row(plain), "candidates": table, "best": best, "min_speedup": min_speedup,
+            "heldout_agreement": agreement, "expected_tau": best["expected_tau"] if pays else 1.0,
+            "predicted_speedup": best["predicted_speedup"] if pays else 1.0}, pays
+
+
 def loop_step_costs(target: PreTrainedModel, make_proposer, feature_layers: list[int] | None = None,
                     context_len: int = 256) -> Callable[[list | None], dict]:
     """A step_costs function for `choose_tree`: real loop steps with make_proposer(paths), or plain ones."""

@@ -45,8 +45,8 @@ class EvalConfig:
                         "attention for target and drafter", flag="--no-pack", invert=True)
     tree: str = option("auto", "'auto' (a static tree calibrated on this machine), 'chain', JSON rank paths, or for "
                        "EAGLE 'dynamic' (EAGLE-2 trees of max_tree_nodes nodes)", HEADS)
-    min_speedup: float = option(1.05, "auto: decode plainly unless the best tree is predicted at least this many "
-                                "times faster than plain decoding (the cost model's margin)", HEADS)
+    min_speedup: float = option(1.05, "auto (and draft LMs): decode plainly unless the best tree (chain) is predicted "
+                                "at least this many times faster than plain decoding (the cost model's margin)")
     max_tree_nodes: int = option(64, "auto: the largest tree tried; EAGLE dynamic trees: the nodes verified", HEADS)
     tree_depth: int = option(5, "EAGLE: draft steps per proposal (dynamic tree / static tree limit / chain length)",
                              EAGLE)

@@ -13,13 +13,14 @@ from drafters import EagleModel, MedusaModel
 from drafters.kinds import check_table, kind_of
 from drafters.vocab import get_draft_vocab
 
-from .calibrate import NODE_COUNTS, choose_tree, draft_cost_ratio, loop_step_costs
+from .calibrate import NODE_COUNTS, choose_chain, choose_tree, draft_cost_ratio, loop_step_costs
 from .draft_lm_proposer import DraftLMProposer
 from .eagle_proposer import EagleProposer
 from .lookup import LookupProposer, PromptLookup
 from .proposers import MedusaProposer
 from .speculative import NoDraft
 
+CHAIN_LENGTHS = (1, 2, 3, 4, 6, 8)  # draft-LM chains the cost model times
 # Used when a drafter carries no measured per-head accuracy (e.g. untrained heads): a deliberately modest guess.
 PRIOR_ACCURACY = [[0.5 * 0.7 ** k * 0.3 ** i for i in range(4)] for k in range(8)]
 
@@ -112,15 +113,25 @@ def _eagle_setup(drafter, target, vocab, o: dict, temperature, generator):
 
 
 def _draft_lm_setup(drafter, target, vocab, o: dict, temperature, generator):
-    """A chain of k tokens (adaptive by default) with siblings / confidence stops."""
+    """A chain of k tokens (adaptive by default) with siblings / confidence stops; plain decoding instead when the
+    cost model predicts no chain length pays (greedy, for a draft whose held-out agreement training recorded)."""
     proposer = DraftLMProposer(drafter, k=o["draft_k"], adaptive=o["adaptive_k"], k_max=max(8, o["draft_k"]),
                                temperature=temperature, generator=generator, draft_vocab=vocab,
                                siblings=o["draft_siblings"], confidence=o["draft_confidence"],
                                sibling_depth=o["sibling_depth"])
     cost = draft_cost_ratio(target, proposer)
-    return proposer, {"k": o["draft_k"], "adaptive": o["adaptive_k"], "k_max": proposer.k_max,
-                      "siblings": o["draft_siblings"], "sibling_depth": o["sibling_depth"],
-                      "confidence": o["draft_confidence"], "draft_vocab": len(vocab) if vocab else "full", **cost}
+    setup = {"k": o["draft_k"], "adaptive": o["adaptive_k"], "k_max": proposer.k_max,
+             "siblings": o["draft_siblings"], "sibling_depth": o["sibling_depth"],
+             "confidence": o["draft_confidence"], "draft_vocab": len(vocab) if vocab else "full", **cost}
+    agreement = (getattr(drafter.config, "draftsmith", None) or {}).get("heldout_agreement")
+    if agreement is None or temperature > 0:  # no measured agreement, or sampled drafts: nothing to predict from
+        return proposer, setup
+    make = lambda k: DraftLMProposer(drafter, k=k, draft_vocab=vocab)  # noqa: E731
+    ks = [k for k in CHAIN_LENGTHS if k <= proposer.k_max]
+    setup["calibration"], pays = choose_chain(agreement, ks, loop_step_costs(target, make), o["min_speedup"])
+    if not pays:
+        return NoDraft(), {**setup, "decoding": "plain"}
+    return proposer, setup
 
 
 # drafter kind -> (drafter, target, draft vocabulary or None, options, temperature, generator) -> (proposer, setup)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_target
-from inference.calibrate import LoopTimer, choose_tree
+from inference.calibrate import LoopTimer, chain_tau, choose_chain, choose_tree
 from inference.proposers import MedusaProposer
 from inference.speculative import NoDraft, StepClock
 from inference.tree import expected_accept_lengths, grow_tree
@@ -45,6 +45,48 @@ def test_no_tree_pays_when_drafted_nodes_cost_more_than_they_bring():
     assert margin.paths is not None
     refused = choose_tree(ACCURACY, [2, 3], linear_costs(0.010, 0.001), min_speedup=margin.predicted_speedup + 0.01)
     assert refused.paths is None and refused.best == margin.best
+
+
+def chain_costs(plain: float, per_token: float):
+    """Step costs of a machine where a draft-LM step costs `plain` seconds plus `per_token` per drafted token."""
+    def costs(k):
+        step = plain + per_token * (k or 0)
+        return {**dict.fromkeys(StepClock.PARTS, 0.0), "verify": step, "step": step}
+    return costs
+
+
+def test_chain_tau_is_the_expected_accepted_run_plus_the_bonus_token():
+    assert chain_tau(0.5, 1) == pytest.approx(1.5) and chain_tau(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert chain_tau(0.0, 4) == 1.0 and chain_tau(1.0, 4) == 5.0
+
+
+def test_choose_chain_keeps_the_best_chain_or_decodes_plainly():
+    record, pays = choose_chain(0.6, [1, 2, 4], chain_costs(0.010, 0.002))
+    speedups = {k: chain_tau(0.6, k) * 0.010 / (0.010 + 0.002 * k) for k in (1, 2, 4)}
+    assert [row["predicted_speedup"] for row in record["candidates"]] == pytest.approx(list(speedups.values()))
+    assert pays and record["best"]["nodes"] == max(speedups, key=speedups.get) + 1
+    assert record["predicted_speedup"] == pytest.approx(max(speedups.values()))
+    record, pays = choose_chain(0.05, [1, 2, 4], chain_costs(0.010, 0.002), min_speedup=1.05)
+    assert not pays and (record["expected_tau"], record["predicted_speedup"]) == (1.0, 1.0)
+    assert record["best"]["predicted_speedup"] < 1.05
+
+
+@pytest.mark.parametrize("agreement, drafts", [(0.0, False), (1.0, True)])
+def test_a_draft_lm_that_cannot_pay_decodes_plainly(agreement, drafts):
+    """The held-out agreement training recorded predicts the chain's tau; a draft that agrees with nothing is
+    predicted slower than plain decoding on any machine, one that always agrees faster."""
+    from drafters.draft_lm import build_draft_lm
+    from inference.draft_lm_proposer import DraftLMProposer
+    from inference.proposer_setup import make_proposer
+
+    target = make_tiny_target("llama").eval()
+    draft = build_draft_lm(target, 1, [0]).eval()
+    draft.config.draftsmith = {**getattr(draft.config, "draftsmith", {}), "heldout_agreement": agreement}
+    with torch.no_grad():
+        proposer, setup = make_proposer(draft, target)
+    assert isinstance(proposer, DraftLMProposer if drafts else NoDraft)
+    assert (setup.get("decoding") == "plain") != drafts and setup["calibration"]["heldout_agreement"] == agreement
+    assert [row["nodes"] for row in setup["calibration"]["candidates"]] == [2, 3, 4, 5, 7, 9]
 
 
 def test_loop_timer_times_every_part_of_real_steps():
