@@ -33,6 +33,18 @@ _READ_CHUNK_CHARS = 1 << 24  # 16 Mi chars per read when walking a JSON array
 class Conversation:
     id: str
     messages: list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    where: str = field(default="", compare=False)  # 'file.jsonl:12' or 'file.json[3]': later skips name it
+
+    def location(self) -> str:
+        """Where the record is in its source, for messages: 'file.jsonl:12 (id 'x')'."""
+        return located(self.where, self.id)
+
+
+def located(where: str, record_id: str) -> str:
+    """'file.jsonl:12 (id 'x')', or just 'file.jsonl:12' for a record whose id is its location."""
+    if not where:  # a Conversation built in code, not read from a file
+        return f"id {record_id!r}"
+    return where if record_id == where else f"{where} (id {record_id!r})"
 
 
 @dataclass
@@ -376,10 +388,10 @@ def load_conversations(source: str, limit: int | None = None) -> tuple[list[Conv
         try:
             messages, repairs = normalise_record(record)
         except SkipRecord as s:
-            report.skip(s.reason, where if record_id == where else f"{where} (id {record_id!r})")
+            report.skip(s.reason, located(where, record_id))
             continue
         report.repaired.update(repairs)
-        conversations.append(Conversation(id=record_id, messages=messages))
+        conversations.append(Conversation(id=record_id, messages=messages, where=where))
     report.kept = len(conversations)
     if not conversations:
         raise ValueError(f"no usable conversation in {source}: {report.summary()}")
