@@ -120,12 +120,19 @@ def _read_turns(turns: Any) -> list[dict]:
     for turn in turns:
         if not isinstance(turn, dict):
             raise SkipRecord("turn is not an object")
-        raw_role = turn.get("role", turn.get("from"))
+        raw_role = _either(turn, "role", "from")
         role = ROLE_MAP.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
         if role is None:
             raise SkipRecord(f"unknown role {raw_role!r}")
-        out.append({"role": role, "content": _turn_text(turn.get("content", turn.get("value")))})
+        out.append({"role": role, "content": _turn_text(_either(turn, "content", "value"))})
     return out
+
+
+def _either(turn: dict, key: str, other: str) -> Any:
+    """turn[key], else turn[other]. A `datasets` folder mixing OpenAI and ShareGPT turns gives every turn all four
+    keys, the missing ones None, so a present-but-None key must not win."""
+    value = turn.get(key)
+    return turn.get(other) if value is None else value
 
 
 def _strip_end_markers(turns: list[dict], repairs: list[str]) -> list[dict]:

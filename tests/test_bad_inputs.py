@@ -6,8 +6,10 @@ to do (a ValueError raised by draftsmith's own code, which the CLIs print as one
 """
 import json
 
+import datasets
 import pytest
 
+from data.conversations import load_conversations
 from data.tokenize import build_token_dataset
 from tiny_assets import tiny_tokenizer
 
@@ -25,6 +27,25 @@ def sharegpt(i: int) -> dict:
 def good(i: int) -> dict:
     """Both turn styles, alternating; 13 lines each in an indent-2 array."""
     return openai(i) if i % 2 else sharegpt(i)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face `datasets` folders
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("column", ["messages", "conversations"])
+def test_dataset_folder_mixing_openai_and_sharegpt_turns_keeps_both(tmp_path, column):
+    rows = [good(0), good(1), good(2),
+            {"id": "bing", column: [{"role": "user", "content": "Q"}, {"role": "bing", "content": "A"}]},
+            {"id": "q", column: [{"from": "human", "value": "Q"}]}]
+    # One column for every row: Arrow merges the two turn styles, giving every turn all four keys (None when missing).
+    datasets.Dataset.from_list([{"id": r["id"], column: r.get("messages") or r.get("conversations")}
+                                for r in rows]).save_to_disk(str(tmp_path / "mixed"))
+    convs, report = load_conversations(str(tmp_path / "mixed"))
+    assert [(c.id, c.where) for c in convs] == [("s0", "mixed[0]"), ("o1", "mixed[1]"), ("s2", "mixed[2]")]
+    assert convs[0].messages == [{"role": "user", "content": "Grüße 0"}, {"role": "assistant", "content": "¿sí 0?"}]
+    assert (report.records, report.kept) == (5, 3)
+    assert report.examples == {"unknown role 'bing'": ["mixed[3] (id 'bing')"], "no assistant turn": ["mixed[4] (id 'q')"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
