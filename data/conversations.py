@@ -335,7 +335,7 @@ def _open_hf_dataset(source: str):
     if os.path.isdir(source) and (
         os.path.exists(os.path.join(source, "dataset_dict.json")) or os.path.exists(os.path.join(source, "state.json"))
     ):
-        loaded = datasets.load_from_disk(source)
+        loaded = _load_from_disk(source)
     else:
         try:
             loaded = datasets.load_dataset(source, split="train")
@@ -351,6 +351,17 @@ def _open_hf_dataset(source: str):
                              "save the split you want with `dataset_dict[split].save_to_disk(path)`.")
         loaded = loaded["train"]
     return loaded
+
+
+def _load_from_disk(source: str):
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.load_from_disk(source)
+    except (ValueError, pyarrow.ArrowException) as e:  # a damaged Arrow file or state.json (ArrowInvalid is both)
+        raise ValueError(f"dataset folder {source} cannot be read ({type(e).__name__}: {e}); it is damaged: write "
+                         "it again with `dataset.save_to_disk(path)`.") from e
 
 
 def _iter_records(source: str, report: LoadReport) -> Iterator[tuple[Any, str]]:

@@ -9,6 +9,7 @@ import json
 import datasets
 import pytest
 
+from cli.errors import is_user_error
 from data.conversations import load_conversations
 from data.tokenize import build_token_dataset
 from tiny_assets import tiny_tokenizer
@@ -29,6 +30,12 @@ def good(i: int) -> dict:
     return openai(i) if i % 2 else sharegpt(i)
 
 
+def user_error(excinfo) -> str:
+    """The error's message, checked to be what the CLIs print as one line."""
+    assert is_user_error(excinfo.value) and "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Hugging Face `datasets` folders
 # ----------------------------------------------------------------------------------------------------------
@@ -46,6 +53,17 @@ def test_dataset_folder_mixing_openai_and_sharegpt_turns_keeps_both(tmp_path, co
     assert convs[0].messages == [{"role": "user", "content": "Grüße 0"}, {"role": "assistant", "content": "¿sí 0?"}]
     assert (report.records, report.kept) == (5, 3)
     assert report.examples == {"unknown role 'bing'": ["mixed[3] (id 'bing')"], "no assistant turn": ["mixed[4] (id 'q')"]}
+
+
+def test_damaged_dataset_folder_is_one_line(tmp_path):
+    datasets.Dataset.from_list([good(0)]).save_to_disk(str(tmp_path / "ds"))
+    (arrow,) = (tmp_path / "ds").glob("*.arrow")
+    arrow.write_bytes(b"not an arrow file" * 10)
+    with pytest.raises(ValueError) as err:
+        load_conversations(str(tmp_path / "ds"))
+    message = user_error(err)
+    assert message.startswith(f"dataset folder {tmp_path / 'ds'} cannot be read (ArrowInvalid: ")
+    assert message.endswith("); it is damaged: write it again with `dataset.save_to_disk(path)`.")
 
 
 # ----------------------------------------------------------------------------------------------------------
