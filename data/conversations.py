@@ -27,6 +27,7 @@ TRAILING_END_MARKERS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>"
 MERGE_SEPARATOR = "\n\n"  # joins consecutive same-role turns (ShareGPT splits long answers into several gpt turns)
 MAX_EXAMPLES_PER_REASON = 3  # how many locations the report keeps per skip reason
 _READ_CHUNK_CHARS = 1 << 24  # 16 Mi chars per read when walking a JSON array
+TOO_DEEP = "JSON nested too deeply to parse"  # a RecursionError of Python's JSON parser, in a user's words
 
 
 @dataclass
@@ -91,10 +92,10 @@ class LoadReport:
 
 
 class SkipRecord(Exception):
-    """Internal: this record cannot be used; `reason` is the counter key."""
-    def __init__(self, reason: str):
+    """Internal: this record cannot be used; `reason` is the counter key, `detail` what exactly was wrong."""
+    def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,18 +224,35 @@ def _first_json_byte(path: str) -> bytes:
     return head[:1]
 
 
+def not_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
+    """'byte 0xff at column 41 is not UTF-8', for a line `raw` whose decoding failed with `err`."""
+    return f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8"
+
+
+def _json_line(line: bytes) -> Any:
+    """The JSON value of one JSONL line; SkipRecord(reason, detail) when it cannot be read."""
+    try:
+        return json.loads(line.decode("utf-8").removeprefix("\ufeff"))  # a BOM may start the file
+    except UnicodeDecodeError as e:
+        raise SkipRecord("not UTF-8", not_utf8(line, e)) from e
+    except json.JSONDecodeError as e:
+        raise SkipRecord("malformed JSON", f"JSONDecodeError: {e}") from e
+    except RecursionError as e:  # Python's parser recurses once per level: a deep line would end the whole load
+        raise SkipRecord("nested too deeply", TOO_DEEP) from e
+
+
 def _iter_jsonl(path: str, report: LoadReport) -> Iterator[tuple[Any, str]]:
-    """One JSON record per line; a malformed line is a counted skip naming file:line."""
+    """One JSON record per line; a line that cannot be read is a counted skip naming file:line."""
     name = os.path.basename(path)
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+                record = _json_line(line)
+            except SkipRecord as s:
                 report.records += 1
-                report.skip("malformed JSON", f"{name}:{line_no} ({type(e).__name__}: {e})")
+                report.skip(s.reason, f"{name}:{line_no} ({s.detail})")
                 continue
             yield record, f"{name}:{line_no}"
 

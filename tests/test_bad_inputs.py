@@ -14,6 +14,9 @@ from data.conversations import load_conversations
 from data.tokenize import build_token_dataset
 from tiny_assets import tiny_tokenizer
 
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's JSON parser recurses
+GRUSSE_UTF8, GRUSSE_LATIN1 = "Grüße".encode(), "Grüße".encode("latin-1")  # the Latin-1 one is not UTF-8: 0xfc
+
 
 def openai(i: int) -> dict:
     return {"id": f"o{i}", "messages": [{"role": "user", "content": f"Grüße {i}"},
@@ -34,6 +37,52 @@ def user_error(excinfo) -> str:
     """The error's message, checked to be what the CLIs print as one line."""
     assert is_user_error(excinfo.value) and "\n" not in str(excinfo.value)
     return str(excinfo.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSON Lines
+# ----------------------------------------------------------------------------------------------------------
+
+def bad_jsonl() -> bytes:
+    lines = [
+        json.dumps(good(0), ensure_ascii=False).encode(),  # 1: kept (ShareGPT style)
+        b'{"id": "cut", "messages": [',  # 2: malformed
+        json.dumps(good(3), ensure_ascii=False).encode().replace(GRUSSE_UTF8, GRUSSE_LATIN1),  # 3: Latin-1
+        b'{"id": "deep", "messages": ' + DEEP.encode() + b"}",  # 4: nested too deeply
+        b"",  # 5: blank, not a record
+        b"42",  # 6: not an object
+        json.dumps(good(7), ensure_ascii=False).encode(),  # 7: kept (OpenAI style)
+        b'{"id": "q", "messages": [{"role": "user", "content": "Q"}]}',  # 8: no answer
+    ]
+    return b"\n".join(lines) + b"\n"
+
+
+def test_jsonl_every_kind_of_bad_line_is_skipped_and_named(tmp_path):
+    data = bad_jsonl()
+    (tmp_path / "bad.jsonl").write_bytes(data)
+    convs, report = load_conversations(str(tmp_path / "bad.jsonl"))
+    assert [(c.id, c.where) for c in convs] == [("s0", "bad.jsonl:1"), ("o7", "bad.jsonl:7")]
+    assert (report.records, report.kept) == (7, 2)
+    column = data.split(b"\n")[2].index(GRUSSE_LATIN1) + 3  # 'ü' is the third byte
+    assert report.examples == {
+        "malformed JSON": ["bad.jsonl:2 (JSONDecodeError: Expecting value: line 2 column 1 (char 28))"],  # the line ends in its newline
+        "not UTF-8": [f"bad.jsonl:3 (byte 0xfc at column {column} is not UTF-8)"],
+        "nested too deeply": ["bad.jsonl:4 (JSON nested too deeply to parse)"],
+        "record is not a JSON object": ["bad.jsonl:6"],
+        "no assistant turn": ["bad.jsonl:8 (id 'q')"],
+    }
+    assert sum(report.skipped.values()) == 5 and set(report.skipped.values()) == {1}
+
+
+def test_no_usable_record_is_one_line_naming_the_file_and_the_reasons(tmp_path):
+    path = tmp_path / "none.jsonl"
+    path.write_bytes(b'{"id": "cut", "messages": [\n' + b"{" + GRUSSE_LATIN1 + b"}\n")
+    with pytest.raises(ValueError) as err:
+        load_conversations(str(path))
+    assert user_error(err) == (
+        f"no usable conversation in {path}: {path}: kept 0 of 2 records; skipped 2 (malformed JSON: 1 "
+        "[e.g. none.jsonl:1 (JSONDecodeError: Expecting value: line 2 column 1 (char 28))]; not UTF-8: 1 "
+        "[e.g. none.jsonl:2 (byte 0xfc at column 4 is not UTF-8)])")
 
 
 # ----------------------------------------------------------------------------------------------------------
