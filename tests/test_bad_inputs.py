@@ -9,6 +9,7 @@ import json
 import datasets
 import pytest
 
+import data.conversations as conversations
 from cli.errors import is_user_error
 from data.conversations import load_conversations
 from data.tokenize import build_token_dataset
@@ -33,10 +34,91 @@ def good(i: int) -> dict:
     return openai(i) if i % 2 else sharegpt(i)
 
 
+def array_text(items: list) -> str:
+    return json.dumps(items, indent=2, ensure_ascii=False)
+
+
+def at(data: bytes, needle: bytes) -> tuple[int, int]:
+    """(1-based line, byte offset) of the first `needle` in `data`."""
+    byte = data.index(needle)
+    return data[:byte].count(b"\n") + 1, byte
+
+
 def user_error(excinfo) -> str:
     """The error's message, checked to be what the CLIs print as one line."""
     assert is_user_error(excinfo.value) and "\n" not in str(excinfo.value)
     return str(excinfo.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSON arrays (ShareGPT files)
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_chars", [conversations._READ_CHUNK_CHARS, 64])
+def test_json_array_bad_element_in_the_middle_costs_only_that_element(tmp_path, monkeypatch, chunk_chars):
+    monkeypatch.setattr(conversations, "_READ_CHUNK_CHARS", chunk_chars)  # small: refills inside elements
+    data = array_text([good(i) for i in range(200)]).replace('"id": "s60"', '"id": s60', 1).encode()
+    (tmp_path / "sharegpt.json").write_bytes(data)
+    convs, report = load_conversations(str(tmp_path / "sharegpt.json"))
+    assert [c.id for c in convs] == [good(i)["id"] for i in range(200) if i != 60]
+    assert (report.records, report.kept, report.skipped, report.notes) == (200, 199, {"malformed JSON": 1}, [])
+    line, byte = at(data, b"s60,")
+    assert line == 1 + 60 * 13 + 2  # `[`, 60 records, then `{` and the id line
+    assert report.examples["malformed JSON"] == [f"sharegpt.json[60] at line {line}, byte {byte:,} (Expecting value)"]
+    assert report.summary().endswith(f"kept 199 of 200 records; skipped 1 (malformed JSON: 1 [e.g. sharegpt.json[60] "
+                                     f"at line {line}, byte {byte:,} (Expecting value)])")
+
+
+def bad_array() -> bytes:
+    """Nine elements: garbage, a string that lost its closing quote, Latin-1 text and a number between good
+    records of both styles."""
+    text = array_text([good(0), "GARBAGE", good(2), good(3), good(4), good(5), good(6), 42, good(8)])
+    text = text.replace('"GARBAGE"', "xyz").replace('"Grüße 3"', '"Grüße 3')
+    return text.encode().replace(GRUSSE_UTF8 + b" 5", GRUSSE_LATIN1 + b" 5")
+
+
+@pytest.mark.parametrize("chunk_chars", [conversations._READ_CHUNK_CHARS, 7])
+def test_json_array_every_kind_of_bad_element_is_skipped_and_named(tmp_path, monkeypatch, chunk_chars):
+    monkeypatch.setattr(conversations, "_READ_CHUNK_CHARS", chunk_chars)
+    data = bad_array()
+    (tmp_path / "bad.json").write_bytes(data)
+    convs, report = load_conversations(str(tmp_path / "bad.json"))
+    assert [c.id for c in convs] == ["s0", "s2", "s4", "s6", "s8"]
+    assert convs[1].messages == [{"role": "user", "content": "Grüße 2"}, {"role": "assistant", "content": "¿sí 2?"}]
+    assert (report.records, report.kept, report.notes) == (9, 5, [])
+    assert report.skipped == {"malformed JSON": 2, "not UTF-8": 1, "record is not a JSON object": 1}
+    (garbage_line, garbage), (quote_line, quote) = at(data, b"xyz"), at(data, "Grüße 3\n".encode())
+    latin1_line, latin1 = at(data, GRUSSE_LATIN1)
+    assert report.examples == {
+        "malformed JSON": [f"bad.json[1] at line {garbage_line}, byte {garbage:,} (Expecting value)",
+                           f"bad.json[3] at line {quote_line}, byte {quote + len('Grüße 3'.encode()):,} "
+                           "(Invalid control character at)"],  # the newline where the string should have closed
+        "not UTF-8": [f"bad.json[5] at line {latin1_line}, byte {latin1 + 2:,} (0xfc is not UTF-8)"],  # 'ü'
+        "record is not a JSON object": ["bad.json[7]"],
+    }
+    assert (garbage_line, quote_line, latin1_line) == (15, 34, 60)
+
+
+def test_json_array_deeply_nested_element_is_skipped(tmp_path):
+    data = array_text([good(0), "DEEP", good(2)]).replace('"DEEP"', DEEP).encode()
+    (tmp_path / "deep.json").write_bytes(data)
+    convs, report = load_conversations(str(tmp_path / "deep.json"))
+    assert [c.id for c in convs] == ["s0", "s2"] and report.skipped == {"nested too deeply": 1}
+    line, byte = at(data, b"[[[")
+    assert report.examples["nested too deeply"] == [
+        f"deep.json[1] at line {line}, byte {byte:,} (JSON nested too deeply to parse)"]
+
+
+def test_json_array_cut_at_the_end_keeps_what_came_before_it(tmp_path):
+    text = array_text([good(0), "GARBAGE", good(2), good(3)]).replace('"GARBAGE"', "xyz")
+    data = text[:text.index("ok 3")].encode()  # cut inside the last record's answer
+    (tmp_path / "cut.json").write_bytes(data)
+    convs, report = load_conversations(str(tmp_path / "cut.json"))
+    assert [c.id for c in convs] == ["s0", "s2"] and report.skipped == {"malformed JSON": 1}
+    line, byte = at(data, b'{\n    "id": "o3"')
+    assert report.notes == [f"truncated JSON array: recovered 2 complete records from {tmp_path / 'cut.json'}, "
+                            f"stopped at byte {byte:,} (line {line}) of {len(data):,} bytes "
+                            "(Unterminated string starting at)"]
 
 
 # ----------------------------------------------------------------------------------------------------------
