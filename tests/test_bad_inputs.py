@@ -12,6 +12,7 @@ import pytest
 import data.conversations as conversations
 from cli.errors import is_user_error
 from data.conversations import load_conversations
+from data.questions import load_questions
 from data.tokenize import build_token_dataset
 from tiny_assets import tiny_tokenizer
 
@@ -212,3 +213,39 @@ def test_tokenization_skips_name_file_and_line(tmp_path):
                            ("t.json", ["t.json[1] (id 'long')", "t.json[2]"])]:
         ds, report = build_token_dataset(str(tmp_path / name), tiny_tokenizer(), max_length=32)
         assert len(ds) == 1 and report.skipped == {reason: 2} and report.examples == {reason: expected}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation questions (Spec-Bench / MT-bench JSONL)
+# ----------------------------------------------------------------------------------------------------------
+
+QUESTION = b'{"question_id": 1, "category": "writing", "turns": ["Gr\xc3\xbc\xc3\x9fe"]}'
+
+
+def test_questions_not_utf8_is_one_line_naming_file_and_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(QUESTION + b"\n" + QUESTION.replace(b"1", b"2").replace(GRUSSE_UTF8, GRUSSE_LATIN1) + b"\n")
+    with pytest.raises(ValueError) as err:
+        load_questions(str(path))
+    column = QUESTION.index(GRUSSE_UTF8) + 3  # 'ü', a byte column
+    assert column == 56
+    assert user_error(err) == (f"{path}:2: byte 0xfc at column {column} is not UTF-8; save the file as UTF-8 "
+                               "(e.g. `iconv -f latin1 -t utf-8 old.jsonl > new.jsonl`)")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n"])
+def test_questions_empty_file_is_refused(tmp_path, content):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_questions(str(path))
+    assert user_error(err) == (f"{path} has no questions; pass a JSONL file with one "
+                               '{"question_id": ..., "category": ..., "turns": [...]} object per line')
+
+
+def test_questions_deeply_nested_line_is_one_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(QUESTION + b"\n" + b'{"question_id": 2, "turns": ' + DEEP.encode() + b"}\n")
+    with pytest.raises(ValueError) as err:
+        load_questions(str(path))
+    assert user_error(err) == f"{path}:2: JSON nested too deeply to parse; fix or remove that line"
