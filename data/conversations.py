@@ -27,12 +27,25 @@ TRAILING_END_MARKERS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>"
 MERGE_SEPARATOR = "\n\n"  # joins consecutive same-role turns (ShareGPT splits long answers into several gpt turns)
 MAX_EXAMPLES_PER_REASON = 3  # how many locations the report keeps per skip reason
 _READ_CHUNK_CHARS = 1 << 24  # 16 Mi chars per read when walking a JSON array
+TOO_DEEP = "JSON nested too deeply to parse"  # a RecursionError of Python's JSON parser, in a user's words
 
 
 @dataclass
 class Conversation:
     id: str
     messages: list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    where: str = field(default="", compare=False)  # 'file.jsonl:12' or 'file.json[3]': later skips name it
+
+    def location(self) -> str:
+        """Where the record is in its source, for messages: 'file.jsonl:12 (id 'x')'."""
+        return located(self.where, self.id)
+
+
+def located(where: str, record_id: str) -> str:
+    """'file.jsonl:12 (id 'x')', or just 'file.jsonl:12' for a record whose id is its location."""
+    if not where:  # a Conversation built in code, not read from a file
+        return f"id {record_id!r}"
+    return where if record_id == where else f"{where} (id {record_id!r})"
 
 
 @dataclass
@@ -79,10 +92,10 @@ class LoadReport:
 
 
 class SkipRecord(Exception):
-    """Internal: this record cannot be used; `reason` is the counter key."""
-    def __init__(self, reason: str):
+    """Internal: this record cannot be used; `reason` is the counter key, `detail` what exactly was wrong."""
+    def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,12 +121,19 @@ def _read_turns(turns: Any) -> list[dict]:
     for turn in turns:
         if not isinstance(turn, dict):
             raise SkipRecord("turn is not an object")
-        raw_role = turn.get("role", turn.get("from"))
+        raw_role = _either(turn, "role", "from")
         role = ROLE_MAP.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
         if role is None:
             raise SkipRecord(f"unknown role {raw_role!r}")
-        out.append({"role": role, "content": _turn_text(turn.get("content", turn.get("value")))})
+        out.append({"role": role, "content": _turn_text(_either(turn, "content", "value"))})
     return out
+
+
+def _either(turn: dict, key: str, other: str) -> Any:
+    """turn[key], else turn[other]. A `datasets` folder mixing OpenAI and ShareGPT turns gives every turn all four
+    keys, the missing ones None, so a present-but-None key must not win."""
+    value = turn.get(key)
+    return turn.get(other) if value is None else value
 
 
 def _strip_end_markers(turns: list[dict], repairs: list[str]) -> list[dict]:
@@ -204,87 +224,186 @@ def _first_json_byte(path: str) -> bytes:
     return head[:1]
 
 
+def not_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
+    """'byte 0xff at column 41 is not UTF-8', for a line `raw` whose decoding failed with `err`."""
+    return f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8"
+
+
+def _json_line(line: bytes) -> Any:
+    """The JSON value of one JSONL line; SkipRecord(reason, detail) when it cannot be read."""
+    try:
+        return json.loads(line.decode("utf-8").removeprefix("\ufeff"))  # a BOM may start the file
+    except UnicodeDecodeError as e:
+        raise SkipRecord("not UTF-8", not_utf8(line, e)) from e
+    except json.JSONDecodeError as e:
+        raise SkipRecord("malformed JSON", f"JSONDecodeError: {e}") from e
+    except RecursionError as e:  # Python's parser recurses once per level: a deep line would end the whole load
+        raise SkipRecord("nested too deeply", TOO_DEEP) from e
+
+
 def _iter_jsonl(path: str, report: LoadReport) -> Iterator[tuple[Any, str]]:
-    """One JSON record per line; a malformed line is a counted skip naming file:line."""
+    """One JSON record per line; a line that cannot be read is a counted skip naming file:line."""
     name = os.path.basename(path)
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+                record = _json_line(line)
+            except SkipRecord as s:
                 report.records += 1
-                report.skip("malformed JSON", f"{name}:{line_no} ({type(e).__name__}: {e})")
+                report.skip(s.reason, f"{name}:{line_no} ({s.detail})")
                 continue
             yield record, f"{name}:{line_no}"
+
+
+@dataclass
+class _BadElement:
+    """An element of a JSON array that cannot be read: a counted skip; the walk goes on after it."""
+    reason: str  # the skip counter's key, as for JSONL lines
+    byte: int  # 0-based offset of the problem in the file
+    line: int  # 1-based line of the problem
+    detail: str
+
+
+class _NeedMore(Exception):
+    """Internal: the buffer ends inside the element being read; `error` is why decoding stopped (None: it did not)."""
+    def __init__(self, error: json.JSONDecodeError | None):
+        super().__init__(error)
+        self.error = error
 
 
 class _ArrayWalker:
     """Stream the elements of a top-level JSON array with `raw_decode`, reading 16 Mi chars at a time.
 
-    Stops at the first element that does not decode (a truncated file ends mid-element) and remembers where.
+    An element that does not decode comes out as a _BadElement, and the walk goes on at the `,` or `]` that ends
+    it (found by counting brackets outside strings), so one bad record costs one record. Stops where an element
+    runs into the end of the file (a truncated file ends mid-element) and remembers where.
     """
     _SEPARATOR = re.compile(r"\s*,?\s*")  # whitespace, at most one comma, whitespace
+    # What decides where an element ends: strings (to their closing quote, or to a newline, which no JSON string
+    # holds: a string with a lost quote ends there rather than swallowing the file), brackets and commas.
+    _TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*(")?|[\[\]{},]')
+    _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as 'surrogateescape' decodes them
 
     def __init__(self, path: str):
         self.path = path
         self.decoder = json.JSONDecoder()
-        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        # Bad bytes decode to lone surrogates instead of failing the whole file; their element is then skipped.
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
         self.buf, self.pos, self.eof = "", 0, False
         self.done_bytes, self.done_lines = 0, 0  # bytes / newlines before buf[0]
+        self.mark = (0, 0, 0)  # (index in buf, bytes, newlines before it): where location() counts on from
         self.stop_error: json.JSONDecodeError | None = None
         self.closed = False  # saw the closing `]`
 
     def _refill(self, f) -> None:
         """Drop the consumed part of the buffer and append the next chunk (keeps memory at ~one chunk)."""
         consumed = self.buf[:self.pos]
-        self.done_bytes += len(consumed.encode("utf-8"))
+        self.done_bytes += _utf8_len(consumed)
         self.done_lines += consumed.count("\n")
         chunk = f.read(_READ_CHUNK_CHARS)
         self.eof = not chunk
         self.buf, self.pos = self.buf[self.pos:] + self.utf8.decode(chunk, final=False), 0
+        self.mark = (0, self.done_bytes, self.done_lines)
 
-    def location(self) -> tuple[int, int]:
-        """(byte offset, 1-based line) of self.pos in the file."""
-        prefix = self.buf[:self.pos]
-        return self.done_bytes + len(prefix.encode("utf-8")), self.done_lines + prefix.count("\n") + 1
+    def location(self, index: int | None = None) -> tuple[int, int]:
+        """(byte offset, 1-based line) of buf[index] (default: self.pos). Counts on from the index asked last
+        (they only grow), so a file full of bad elements is still counted through once."""
+        index = self.pos if index is None else index
+        at, n_bytes, n_lines = self.mark
+        if index < at:
+            at, n_bytes, n_lines = 0, self.done_bytes, self.done_lines
+        piece = self.buf[at:index]
+        self.mark = (index, n_bytes + _utf8_len(piece), n_lines + piece.count("\n"))
+        return self.mark[1], self.mark[2] + 1
 
     def __iter__(self) -> Iterator[Any]:
+        """Every element: its value, or a _BadElement."""
         with open(self.path, "rb") as f:
             self._refill(f)
             self.pos = self.buf.index("[") + 1  # caller checked the first byte is `[`
             while True:
                 self.pos = self._SEPARATOR.match(self.buf, self.pos).end()
-                if self.pos < len(self.buf) and self.buf[self.pos] == "]":
+                if self.buf.startswith("]", self.pos):
                     self.closed = True
                     return
                 try:
-                    record, end = self.decoder.raw_decode(self.buf, self.pos)
-                except json.JSONDecodeError as e:
+                    element = self._next_element()
+                except _NeedMore as more:
                     if self.eof:
-                        self.stop_error = e
+                        self.stop_error = more.error
                         return
                     self._refill(f)  # the element may continue in the next chunk
                     continue
-                if end == len(self.buf) and not self.eof:
-                    self._refill(f)  # a bare number cut by the chunk ("12|3") decodes early; read on and redo
-                    continue
-                self.pos = end
-                yield record
+                yield element
+
+    def _next_element(self) -> Any:
+        """The element at self.pos, or a _BadElement; moves self.pos past it. _NeedMore: the buffer ends inside it."""
+        start = self.pos
+        try:
+            value, end = self.decoder.raw_decode(self.buf, start)
+            error = None
+        except RecursionError:  # Python's parser recurses once per level
+            value, end, error = None, self._element_end(), json.JSONDecodeError(TOO_DEEP, self.buf, start)
+        except json.JSONDecodeError as e:
+            value, end, error = None, self._element_end(), e
+        if end is None or (end == len(self.buf) and not self.eof):
+            raise _NeedMore(error)  # also a bare number cut by the chunk ("12|3"): it decodes early; read on, redo
+        self.pos = end
+        bad_byte = self._NOT_UTF8.search(self.buf, start, end)
+        if bad_byte:  # checked first: a bad byte is often why an element does not decode
+            return self._bad("not UTF-8", bad_byte.start(), f"0x{ord(bad_byte.group()) - 0xdc00:02x} is not UTF-8")
+        if error is None:
+            return value
+        if error.msg == TOO_DEEP:
+            return self._bad("nested too deeply", start, TOO_DEEP)
+        return self._bad("malformed JSON", min(error.pos, end), error.msg)
+
+    def _bad(self, reason: str, index: int, detail: str) -> _BadElement:
+        byte, line = self.location(index)
+        return _BadElement(reason, byte, line, detail)
+
+    def _element_end(self) -> int | None:
+        """Index of the `,` or `]` that ends the element at self.pos; None when the buffer ends first."""
+        depth = 0
+        for token in self._TOKEN.finditer(self.buf, self.pos):
+            kind = token.group()[0]
+            if kind == '"':
+                if token.group(1) is None and token.end() >= len(self.buf) - 1:
+                    return None  # a string open at the buffer's end may close in the next chunk
+            elif kind in "[{":
+                depth += 1
+            elif depth and kind in "]}":
+                depth -= 1
+            elif not depth and kind in ",]":  # (a stray `}` at depth 0 is passed over)
+                return token.start()
+        return None
+
+
+def _utf8_len(text: str) -> int:
+    """Bytes `text` was read from (bad bytes were decoded with 'surrogateescape')."""
+    return len(text.encode("utf-8", "surrogateescape"))
 
 
 def _iter_json_array(path: str, report: LoadReport) -> Iterator[tuple[Any, str]]:
-    """Elements of a JSON array file; a truncated array yields its complete elements and says so in a note."""
-    walker, name, index = _ArrayWalker(path), os.path.basename(path), -1
-    for index, record in enumerate(walker):
-        yield record, f"{name}[{index}]"
+    """Elements of a JSON array file. An element that cannot be read is a counted skip naming its index, line and
+    byte; a truncated array yields its complete elements and says so in a note."""
+    walker, name, recovered = _ArrayWalker(path), os.path.basename(path), 0
+    for index, element in enumerate(walker):
+        if isinstance(element, _BadElement):
+            report.records += 1
+            report.skip(element.reason,
+                        f"{name}[{index}] at line {element.line:,}, byte {element.byte:,} ({element.detail})")
+            continue
+        recovered += 1
+        yield element, f"{name}[{index}]"
     if walker.closed:
         return
     stop_byte, stop_line = walker.location()
     what = "truncated JSON array" if _looks_truncated(walker) else "malformed JSON array"
     report.notes.append(
-        f"{what}: recovered {index + 1:,} complete records from {path}, stopped at byte {stop_byte:,} "
+        f"{what}: recovered {recovered:,} complete records from {path}, stopped at byte {stop_byte:,} "
         f"(line {stop_line:,}) of {os.path.getsize(path):,} bytes ({walker.stop_error.msg})"
     )
 
@@ -316,7 +435,7 @@ def _open_hf_dataset(source: str):
     if os.path.isdir(source) and (
         os.path.exists(os.path.join(source, "dataset_dict.json")) or os.path.exists(os.path.join(source, "state.json"))
     ):
-        loaded = datasets.load_from_disk(source)
+        loaded = _load_from_disk(source)
     else:
         try:
             loaded = datasets.load_dataset(source, split="train")
@@ -332,6 +451,17 @@ def _open_hf_dataset(source: str):
                              "save the split you want with `dataset_dict[split].save_to_disk(path)`.")
         loaded = loaded["train"]
     return loaded
+
+
+def _load_from_disk(source: str):
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.load_from_disk(source)
+    except (ValueError, pyarrow.ArrowException) as e:  # a damaged Arrow file or state.json (ArrowInvalid is both)
+        raise ValueError(f"dataset folder {source} cannot be read ({type(e).__name__}: {e}); it is damaged: write "
+                         "it again with `dataset.save_to_disk(path)`.") from e
 
 
 def _iter_records(source: str, report: LoadReport) -> Iterator[tuple[Any, str]]:
@@ -376,10 +506,10 @@ def load_conversations(source: str, limit: int | None = None) -> tuple[list[Conv
         try:
             messages, repairs = normalise_record(record)
         except SkipRecord as s:
-            report.skip(s.reason, where if record_id == where else f"{where} (id {record_id!r})")
+            report.skip(s.reason, located(where, record_id))
             continue
         report.repaired.update(repairs)
-        conversations.append(Conversation(id=record_id, messages=messages))
+        conversations.append(Conversation(id=record_id, messages=messages, where=where))
     report.kept = len(conversations)
     if not conversations:
         raise ValueError(f"no usable conversation in {source}: {report.summary()}")

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from data.conversations import TOO_DEEP, not_utf8
 from data.embedded import resolve_data
 
 
@@ -33,6 +34,9 @@ def load_questions(
     """
     path = resolve_data(source)
     questions = _read_jsonl(path)
+    if not questions:  # an evaluation of nothing would report a speed-up of 0.00x and succeed
+        raise ValueError(f"{path} has no questions; pass a JSONL file with one "
+                         '{"question_id": ..., "category": ..., "turns": [...]} object per line')
     if categories is not None:
         questions = _filter_categories(questions, categories, path)
     if per_category is not None:
@@ -53,11 +57,11 @@ def load_questions(
 def _read_jsonl(path: str) -> list[Question]:
     """Every question of the file; a repeated question_id is an error (results are keyed by it)."""
     questions, first_line = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is then named by its number
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
-            question = _parse_line(line, f"{path}:{lineno}")
+            question = _parse_line(_decode(raw, f"{path}:{lineno}"), f"{path}:{lineno}")
             if question.question_id in first_line:
                 raise ValueError(
                     f"{path}:{lineno}: field 'question_id' {question.question_id!r} repeats line "
@@ -68,12 +72,22 @@ def _read_jsonl(path: str) -> list[Question]:
     return questions
 
 
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")  # a BOM may start the file
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: {not_utf8(raw, err)}; save the file as UTF-8 "
+                         "(e.g. `iconv -f latin1 -t utf-8 old.jsonl > new.jsonl`)") from err
+
+
 def _parse_line(line: str, where: str) -> Question:
     """One JSONL line -> Question; ValueError naming `where` (file:line) and the bad field."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
+    except RecursionError as err:
+        raise ValueError(f"{where}: {TOO_DEEP}; fix or remove that line") from err
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for field in ("question_id", "category", "turns"):

@@ -241,7 +241,7 @@ def _tokenize_all(source: str, tokenizer, max_length: int, limit: int | None) ->
         report.tokenized += 1
         targets = sum(example["loss_mask"])
         if targets == 0:
-            report.skip(f"no assistant tokens within max_length={max_length}", f"id {conv.id!r}")
+            report.skip(f"no assistant tokens within max_length={max_length}", conv.location())
             continue
         columns["input_ids"].append(example["input_ids"])
         columns["loss_mask"].append(example["loss_mask"])

@@ -213,12 +213,13 @@ def test_array_cut_between_records_and_mid_file_garbage(tmp_path):
     convs, report = load_conversations(str(path))
     assert len(convs) == 2 and report.notes[0].startswith("truncated JSON array: recovered 2 complete records")
 
-    broken = text.replace('"id": "r1"', '"id": r1', 1)  # a syntax error in the middle of the file
+    broken = text.replace('"id": "r1"', '"id": r1', 1)  # a syntax error in the middle of the file costs r1 only
     path.write_text(broken)
     convs, report = load_conversations(str(path))
-    assert [c.id for c in convs] == ["r0"]
-    assert report.notes[0].startswith("malformed JSON array: recovered 1 complete records")
-    assert report.notes[0].endswith("(Expecting value)")
+    assert [c.id for c in convs] == ["r0", "r2"] and report.notes == []
+    assert (report.records, report.skipped) == (3, {"malformed JSON": 1})
+    at = len(broken[:broken.index("r1,")].encode())  # non-ASCII text before it: bytes, not chars
+    assert report.examples["malformed JSON"] == [f"cut.json[1] at line 16, byte {at:,} (Expecting value)"]
 
 
 # ----------------------------------------------------------------------------------------------------------

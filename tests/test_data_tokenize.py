@@ -250,7 +250,7 @@ def test_examples_without_assistant_tokens_after_truncation_are_counted(tmp_path
     ds, report = build_token_dataset(src, chatml, max_length=20)
     assert len(ds) == 1 and report.kept == 1 and report.tokenized == 2
     assert report.skipped == {"no assistant tokens within max_length=20": 1}
-    assert report.examples["no assistant tokens within max_length=20"] == ["id 'c1'"]
+    assert report.examples["no assistant tokens within max_length=20"] == ["train.jsonl:2 (id 'c1')"]
 
 
 def test_second_call_loads_the_cache_without_tokenizing(tmp_path, chatml, monkeypatch):
