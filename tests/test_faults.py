@@ -357,3 +357,35 @@ def test_a_stalled_step_is_reported_once(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("rank 1: step 4 has run for ")
     assert "a peer rank may be stalled; the run stops when a collective has waited training.timeout_minutes=30" in err
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from train.config import LoggingConfig
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "loss": 2.0}\n{"step": 10, "loss": 1.5}\n{"step": 15, "lo')
+    log = trainer.MetricsLog(str(tmp_path), LoggingConfig(progress_bar=False), SimpleNamespace(is_main=True), 20, 10, {})
+    assert path.read_text() == '{"step": 5, "loss": 2.0}\n{"step": 10, "loss": 1.5}\n'
+    log.close()
+    path.write_text('{"step": 5}\nnot json\n{"step": 10}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2 is not a JSON line; delete that line"):
+        trainer.MetricsLog(str(tmp_path), LoggingConfig(progress_bar=False), SimpleNamespace(is_main=True), 20, 10,
+                           {})
+
+
+def test_a_config_record_is_written_whole_or_not_at_all(assets, tmp_path, monkeypatch):
+    from train import config as config_module
+
+    cfg = load_config(str(REPO / "configs" / "medusa_tiny.yaml"), tiny_overrides(assets, tmp_path / "run"))
+    record = tmp_path / "config.yaml"
+    config_module.dump_config(cfg, str(record))
+    before = record.read_text()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(config_module.yaml, "safe_dump", killed)
+    with pytest.raises(KeyboardInterrupt):
+        config_module.dump_config(cfg, str(record))
+    assert record.read_text() == before and load_config(str(record)).to_dict() == cfg.to_dict()

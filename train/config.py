@@ -15,6 +15,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -423,6 +424,8 @@ def _scalar(value: Any, hint: type, is_text: bool) -> Any:
 
 
 def dump_config(cfg: TrainConfig, path: str) -> None:
-    """Write the resolved config as YAML (loadable with load_config)."""
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    """Write the resolved config as YAML (loadable with load_config), whole or not at all: a kill mid-write keeps
+    the record there was."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

@@ -385,7 +385,9 @@ class MetricsLog:
         from tqdm.auto import tqdm
         # A resumed run keeps the rows up to its checkpoint and drops any logged after it by the interrupted run.
         rows = self._rows() if start_step > 0 else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # replaced whole: a kill here keeps the old rows
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+        tmp.replace(self.path)
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not cfg.progress_bar, file=sys.stderr)
         if cfg.wandb:
@@ -396,7 +398,16 @@ class MetricsLog:
     def _rows(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path}:{i + 1} is not a JSON line; delete that line and run again")
+                # the last line, cut by a kill while it was written: its step runs again after the checkpoint
+        return rows
 
     def step(self) -> None:
         if self.bar is not None:
