@@ -44,3 +44,57 @@ def test_debug_shows_the_traceback(tmp_path):
     argv, _ = COMMANDS["features"]
     done = run(*(a.format(tmp=tmp_path) for a in argv), "--debug", cwd=tmp_path)
     assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny target whose LM head is its own tensor, a Medusa drafter for it, and questions."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import perturbed_medusa
+    from target.model import load_target
+    from tiny_assets import write_questions, write_tiny_target
+
+    root = tmp_path_factory.mktemp("cli")
+    target_dir = write_tiny_target(root / "target")
+    target, _ = load_target(target_dir)
+    perturbed_medusa(target).save_pretrained(root / "drafter")
+    headless = Path(write_tiny_target(root / "headless"))  # a base model's checkpoint: no LM head
+    weights = load_file(headless / "model.safetensors")
+    assert "lm_head.weight" in weights
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, headless / "model.safetensors",
+              metadata={"format": "pt"})
+    torch.manual_seed(0)
+    return {"target": target_dir, "headless": str(headless), "drafter": root / "drafter",
+            "questions": write_questions(root / "q.jsonl")}
+
+
+def evaluate_error(argv: list[str], capsys) -> str:
+    from cli.errors import run_main
+    from inference.evaluate import main
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(main, argv)
+    lines = [line for line in capsys.readouterr().err.splitlines()  # transformers' loading bar aside
+             if line.strip() and not line.startswith("Loading weights")]
+    assert stop.value.code == 1 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_target_without_its_lm_head_is_refused_in_one_line(saved, capsys):
+    err = evaluate_error(["--target", saved["headless"], "--drafter", str(saved["drafter"]), "--questions",
+                          saved["questions"]], capsys)
+    assert err.startswith(f"error: target '{saved['headless']}' lacks weights for lm_head.weight")
+
+
+def test_a_damaged_drafter_folder_is_one_line(saved, tmp_path, capsys):
+    import shutil
+
+    damaged = tmp_path / "drafter"
+    shutil.copytree(saved["drafter"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk or a half copy
+    err = evaluate_error(["--target", saved["target"], "--drafter", str(damaged), "--questions",
+                          saved["questions"]], capsys)
+    assert err.startswith(f"error: drafter {damaged} cannot be read (") and "save it again" in err
