@@ -13,6 +13,13 @@ attends over their concatenation (q/k/v take 2H inputs); its output h (before `n
 next draft step. Its own LM head covers a draft vocabulary of the N most frequent target tokens: `d2t[i]` is the
 offset of draft id i (target id = i + d2t[i]) and `t2d` marks the target ids that have a draft id.
 
+P-EAGLE (parallel EAGLE-3, `parallel_drafts` K > 1): depths 2..K are drafted in the same forward as depth 1. The
+positions after the root's pair are placeholders: token id -1 reads the learned `mask_embedding` in place of the
+unknown token and the learned feature `mask_hidden` [F] (fused by fc like the target's, as speculators and vLLM
+have it) in place of the unknown feature, and attends causally like any draft position. The reference feeds a
+mask token through a trainable embedding; here the target's embedding is borrowed frozen, so the placeholder
+token is a vector of its own.
+
 Both are built from the target's config (the decoder layer, norm and rotary classes of its transformers model
 family), never from a copied modeling file. The target's embedding (and, for EAGLE-1, its LM head) is borrowed
 frozen through `attach_target` and not saved. Pair j (feature of position j, token of position j + 1) sits at
@@ -36,12 +43,15 @@ class EagleConfig(PretrainedConfig):
                  feature_layers: list[int] | None = None, draft_vocab_size: int | None = None,
                  target_name_or_path: str | None = None, target_revision: str | None = None,
                  step_accuracy: list[float] | None = None, step_topk_accuracy: list[list[float]] | None = None,
-                 **kwargs):
+                 parallel_drafts: int | None = None, **kwargs):
         """target_config: the target's text config as a dict (the decoder layer is built from it).
         feature_layers (EAGLE-3): target decoder layers whose OUTPUTS are fused (= transformers'
         hidden_states[i + 1]). draft_vocab_size (EAGLE-3): rows of its LM head. step_accuracy: held-out top-1
         accuracy per draft depth, written by training; step_topk_accuracy[d][i]: the share where the rank-i token
-        of depth d is the target's (not cumulative; column 0 is step_accuracy), which sizes the evaluation's tree."""
+        of depth d is the target's (not cumulative; column 0 is step_accuracy), which sizes the evaluation's tree.
+        parallel_drafts (EAGLE-3): K > 1 makes a P-EAGLE drafter, K depths from one forward."""
+        if eagle_version == 1 and parallel_drafts and parallel_drafts > 1:
+            raise ValueError(f"parallel_drafts {parallel_drafts}: P-EAGLE is built on EAGLE-3 (eagle_version=3)")
         if eagle_version == 1 and feature_layers:
             raise ValueError(f"EAGLE-1 reads the target's last hidden state; feature_layers {feature_layers} are "
                              "for EAGLE-3 (eagle_version=3)")
@@ -53,6 +63,7 @@ class EagleConfig(PretrainedConfig):
         self.target_revision = target_revision
         self.step_accuracy = step_accuracy
         self.step_topk_accuracy = step_topk_accuracy
+        self.parallel_drafts = parallel_drafts if parallel_drafts and parallel_drafts > 1 else None
         super().__init__(**kwargs)
 
     @property
@@ -246,6 +257,9 @@ class EagleModel(PreTrainedModel):
             self.lm_head = nn.Linear(H, N, bias=False)
             self.register_buffer("d2t", torch.zeros(N, dtype=torch.long))
             self.register_buffer("t2d", torch.zeros(config.target_vocab, dtype=torch.bool))
+            if config.parallel_drafts:
+                self.mask_embedding = nn.Parameter(torch.zeros(H))
+                self.mask_hidden = nn.Parameter(torch.zeros(n_feat * H))
         self._target: list[nn.Module] = []  # the frozen target (embedding, LM head): borrowed, never saved
         self.post_init()
 
@@ -268,10 +282,12 @@ class EagleModel(PreTrainedModel):
 
     @classmethod
     def from_target(cls, target: PreTrainedModel, version: int = 3, feature_layers: list[int] | None = None,
-                    draft_vocab: list[int] | None = None, target_name_or_path: str | None = None) -> "EagleModel":
+                    draft_vocab: list[int] | None = None, target_name_or_path: str | None = None,
+                    parallel_drafts: int | None = None) -> "EagleModel":
         """A fresh drafter for `target`. EAGLE-3: feature_layers default to EAGLE-3's (default_feature_layers) and
-        are recorded in the config; draft_vocab (target ids)
-        defaults to the whole vocabulary; the LM head starts from the target's rows of those tokens."""
+        are recorded in the config; draft_vocab (target ids) defaults to the whole vocabulary; the LM head starts
+        from the target's rows of those tokens. parallel_drafts K > 1: P-EAGLE, its placeholder embedding starting
+        as the mean of the target's embeddings."""
         tc = target.config.get_text_config()
         L = tc.num_hidden_layers
         if version == 3:
@@ -284,7 +300,7 @@ class EagleModel(PreTrainedModel):
             eagle_version=version, target_config=tc.to_dict(), feature_layers=feature_layers,
             draft_vocab_size=(len(vocab) if vocab else tc.vocab_size) if version == 3 else None,
             target_name_or_path=target_name_or_path or tc._name_or_path or None,
-            target_revision=getattr(tc, "_commit_hash", None),
+            target_revision=getattr(tc, "_commit_hash", None), parallel_drafts=parallel_drafts,
         )
         model = cls(config)
         head = target.get_output_embeddings()
@@ -294,6 +310,9 @@ class EagleModel(PreTrainedModel):
             model.set_draft_vocab(vocab if vocab else list(range(tc.vocab_size)))
             with torch.no_grad():
                 model.lm_head.weight.copy_(head.weight[model.draft_ids()])
+                if config.parallel_drafts:  # a mean token, and a random feature (speculators' randn)
+                    model.mask_embedding.copy_(target.get_input_embeddings().weight.mean(0))
+                    model.mask_hidden.normal_()
         model.attach_target(target)
         return model.to(device=head.weight.device)
 
@@ -354,8 +373,13 @@ class EagleModel(PreTrainedModel):
         step's output at t), position_ids [B, T], attention_mask [B or 1, 1, T, T_cache + T] additive, cache: a
         transformers Cache holding earlier pairs (appended to). ttt: the cache holds earlier training-time-test
         steps over the same T anchors and attention_mask [., 1, T, T] covers step 0's block (`ttt_attention`).
-        Returns the output [B, T, H]: EAGLE-1's predicted feature f^_{t+1}, EAGLE-3's h (before `norm`)."""
-        embeds = self.target.get_input_embeddings()(input_ids).to(hidden_states.dtype)  # [B, T, H]
+        Returns the output [B, T, H]: EAGLE-1's predicted feature f^_{t+1}, EAGLE-3's h (before `norm`).
+        P-EAGLE: where input_ids is -1 (a placeholder) the token and hidden inputs are mask_embedding, mask_hidden."""
+        slot = (input_ids < 0)[..., None] if self.config.parallel_drafts else None             # [B, T, 1]
+        embeds = self.target.get_input_embeddings()(input_ids.clamp(min=0)).to(hidden_states.dtype)  # [B, T, H]
+        if slot is not None:
+            embeds = torch.where(slot, self.mask_embedding.to(embeds.dtype), embeds)
+            hidden_states = torch.where(slot, self.fuse(self.mask_hidden).to(hidden_states.dtype), hidden_states)
         rope = self.rotary(hidden_states.device)(hidden_states, position_ids)
         kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, position_embeddings=rope, cache=cache,
                       ttt=ttt)

@@ -15,6 +15,7 @@ Tree shapes:
   static    a fixed set of rank paths, e.g. [(0,), (1,), (0, 0)]: node (r_1..r_d) is the rank-r_d child of node
             (r_1..r_{d-1}); a chain is [(0,), (0, 0), ...].
 Drafts are deterministic (top-k), so speculative sampling verifies them with point-mass draft distributions.
+P-EAGLE drafters (parallel_drafts) draft every depth in one forward: ParallelEagleProposer, static trees only.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from transformers import DynamicCache
 from drafters.eagle import EagleModel
 from drafters.vocab import draft_head_rows
 
-from .tree import TokenTree, additive_mask
+from .tree import RankPaths, TokenTree, additive_mask
 
 
 @dataclass
@@ -205,3 +206,34 @@ class EagleProposer:
     def _additive(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """bool [m, K] -> additive mask [1, 1, m, K] on the drafter's device."""
         return additive_mask(allowed.to(self.ids.device), dtype)
+
+
+class ParallelEagleProposer(EagleProposer):
+    """P-EAGLE (drafters/eagle.py, parallel_drafts K): one drafter forward feeds the pending verified pairs and K - 1
+    placeholders after the root's pair; the root's output and the placeholders' give depths 1..K, and the tree is
+    the static rank paths over them (a chain: the top-1 of every depth). The placeholders' cache entries are dropped,
+    so the cache again holds verified pairs only."""
+
+    def __init__(self, drafter: EagleModel, paths: list[tuple[int, ...]]):
+        super().__init__(drafter, "static", paths=paths)
+        self.shape = RankPaths(paths, drafter.config.parallel_drafts, "P-EAGLE")
+
+    @torch.no_grad()
+    def propose(self, root: int) -> TokenTree:
+        if self.cache is None:
+            raise RuntimeError("ParallelEagleProposer.propose called before begin(input_ids, hidden_states)")
+        d, slots = self.drafter, self.shape.depth - 1
+        n = len(self.pending_tokens) + 1
+        tokens = torch.tensor([self.pending_tokens + [root] + [-1] * slots], device=self.ids.device)  # [1, n + slots]
+        hidden = d.fuse(self.pending_features[None])                                                 # [1, n, H]
+        hidden = torch.cat([hidden, hidden.new_zeros(1, slots, hidden.shape[-1])], dim=1)            # slots: mask_hidden
+        m = n + slots
+        pos = torch.arange(self.base, self.base + m, device=tokens.device)[None]
+        allowed = torch.ones(m, self.base + m, dtype=torch.bool).tril(self.base)
+        out = d(tokens, hidden, pos, self._additive(allowed, hidden.dtype), self.cache)             # [1, m, H]
+        self.base += n
+        self.pending_features, self.pending_tokens = None, []
+        if slots:
+            self.cache.crop(-slots)
+        logits = F.linear(d.head_input(out[0, n - 1:]), self.head.to(out.dtype))                    # [depth, N]
+        return self.shape.tree(root, logits, self.ids)

@@ -15,7 +15,7 @@ from drafters.vocab import get_draft_vocab
 
 from .calibrate import NODE_COUNTS, choose_chain, choose_tree, draft_cost_ratio, loop_step_costs
 from .draft_lm_proposer import DraftLMProposer
-from .eagle_proposer import EagleProposer
+from .eagle_proposer import EagleProposer, ParallelEagleProposer
 from .lookup import LookupProposer, PromptLookup
 from .proposers import MedusaProposer
 from .speculative import NoDraft
@@ -68,6 +68,9 @@ def eagle_proposer(drafter: EagleModel, target: PreTrainedModel, tree: str, max_
     rank, at most `depth` deep, or plain decoding when none pays: see calibrated_tree), 'dynamic' (EAGLE-2,
     max_nodes nodes), 'chain' (depth tokens) or JSON rank paths (a static tree)."""
     setup = {"tree": tree, "depth": depth, "topk": topk}
+    if drafter.config.parallel_drafts:
+        return parallel_proposer(drafter, drafter.config.parallel_drafts, target, tree, max_nodes, min_speedup,
+                                 lambda paths: ParallelEagleProposer(drafter, paths), "a P-EAGLE drafter")
     if tree == "dynamic":
         proposer = EagleProposer(drafter, "dynamic", depth=depth, topk=topk, nodes=max_nodes, draft_vocab=draft_vocab)
         return proposer, {**setup, "nodes": max_nodes}
@@ -79,6 +82,20 @@ def eagle_proposer(drafter: EagleModel, target: PreTrainedModel, tree: str, max_
     return proposer, {**setup, **calibrated}
 
 
+def parallel_proposer(drafter, depth: int, target: PreTrainedModel, tree: str, max_nodes: int, min_speedup: float,
+                      make, what: str):
+    """Drafters that score all `depth` depths in one forward (P-EAGLE, DFlash): static trees of rank paths over
+    them ('auto': calibrated like Medusa's from the held-out accuracy per depth and rank; 'chain': every depth)."""
+    if tree == "dynamic":
+        raise ValueError(f"--tree dynamic grows a tree one drafter forward per depth; {what} drafts all {depth} "
+                         "depths in one forward: use --tree auto, chain or JSON rank paths")
+    if tree != "auto":
+        return make(fixed_paths(tree, depth)), {"tree": tree, "depth": depth}
+    proposer, calibrated = calibrated_tree(eagle_accuracy(drafter)[:depth], target, make,
+                                           drafter.config.feature_layers, max_nodes, min_speedup)
+    return proposer, {"tree": tree, "depth": depth, **calibrated}
+
+
 def eagle_accuracy(drafter: EagleModel) -> list[list[float]]:
     """acc[d][i] for calibrated_tree: the held-out per-depth, per-rank accuracy recorded at training; a drafter
     that records top-1 only gets chains; one that records nothing, the prior guess (with a warning)."""
@@ -87,7 +104,7 @@ def eagle_accuracy(drafter: EagleModel) -> list[list[float]]:
         return config.step_topk_accuracy
     if config.step_accuracy:
         return [[a] for a in config.step_accuracy]
-    print("warning: the EAGLE drafter records no held-out accuracy; sizing the tree with a prior guess",
+    print("warning: the drafter records no held-out accuracy per depth; sizing the tree with a prior guess",
           file=sys.stderr)
     return PRIOR_ACCURACY
 
@@ -109,7 +126,8 @@ def _eagle_setup(drafter, target, vocab, o: dict, temperature, generator):
     if o["tree"] != "dynamic":
         setup.update(tree_record(proposer))
     ids = drafter.draft_ids() if vocab is None or drafter.config.eagle_version == 3 else vocab
-    return proposer, {**setup, "eagle_version": drafter.config.eagle_version, "draft_vocab": len(ids)}
+    parallel = {"parallel_drafts": drafter.config.parallel_drafts} if drafter.config.parallel_drafts else {}
+    return proposer, {**setup, "eagle_version": drafter.config.eagle_version, **parallel, "draft_vocab": len(ids)}
 
 
 def _draft_lm_setup(drafter, target, vocab, o: dict, temperature, generator):

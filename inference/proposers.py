@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from drafters.medusa import MedusaModel
 from drafters.vocab import draft_head_rows
 
-from .tree import TokenTree
+from .tree import RankPaths, TokenTree
 
 
 class MedusaProposer:
@@ -15,24 +15,9 @@ class MedusaProposer:
     target's last hidden state h_t; the root is x_{t+1}, the target's own choice."""
 
     def __init__(self, drafter: MedusaModel, paths: list[tuple[int, ...]], draft_vocab: list[int] | None = None):
-        if not paths:
-            raise ValueError("a Medusa tree needs at least one non-root node")
-        too_deep = [p for p in paths if len(p) > drafter.config.num_heads]
-        if too_deep:
-            raise ValueError(f"tree paths {too_deep[:3]} are deeper than the drafter's "
-                             f"{drafter.config.num_heads} heads")
-        ordered = sorted(paths, key=len)  # parents before children
-        index = {(): 0}
-        for i, path in enumerate(ordered, start=1):
-            index[path] = i
-        missing = [p for p in index if p and p[:-1] not in index]
-        if missing:
-            raise ValueError(f"tree paths {missing[:3]} have no parent path in the tree")
+        self.shape = RankPaths(paths, drafter.config.num_heads, "Medusa")
         self.drafter = drafter
-        self.paths = ordered
-        self.parents = [-1] + [index[p[:-1]] for p in self.paths]
-        self.depth = max(len(p) for p in paths)
-        self.topk = [1 + max((p[d] for p in paths if len(p) > d), default=0) for d in range(self.depth)]
+        self.paths, self.depth = self.shape.paths, self.shape.depth
         self.hidden: torch.Tensor | None = None  # [H], the target's hidden state that chose the root
         # FR-Spec (drafters/vocab.py): rank candidates among the frequent tokens only, with those rows of each
         # head's LM head ([N, H] instead of [V, H]); shared-head drafters share one matrix.
@@ -52,12 +37,7 @@ class MedusaProposer:
     @torch.no_grad()
     def propose(self, root: int) -> TokenTree:
         states = torch.stack(self.drafter.head_states(self.hidden, self.depth))      # [depth, H]
-        logits = self._depth_logits(states)                                           # [depth, V] or [depth, N]
-        top = torch.cat([logits[d].topk(k).indices for d, k in enumerate(self.topk)])  # [sum(topk)]
-        ranked = (top if self.vocab is None else self.vocab[top]).tolist()            # one read-back per step
-        starts = [sum(self.topk[:d]) for d in range(self.depth)]
-        tokens = [root] + [ranked[starts[len(p) - 1] + p[-1]] for p in self.paths]
-        return TokenTree(torch.tensor(tokens), self.parents)
+        return self.shape.tree(root, self._depth_logits(states), self.vocab)          # logits [depth, V or N]
 
     def _depth_logits(self, states: torch.Tensor) -> torch.Tensor:
         """states [depth, H] -> each head's logits [depth, V] (or [depth, N] over the draft vocabulary). Heads that

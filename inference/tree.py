@@ -61,6 +61,34 @@ class TokenTree:
         return path[::-1]
 
 
+class RankPaths:
+    """A static tree of rank paths for drafters that score every depth at once (Medusa heads, P-EAGLE and DFlash
+    positions): node (r_1, ..., r_d) carries the rank-r_d candidate of depth d; a chain is [(0,), (0, 0), ...]."""
+
+    def __init__(self, paths: list[tuple[int, ...]], max_depth: int, what: str):
+        if not paths:
+            raise ValueError(f"a {what} tree needs at least one non-root node")
+        too_deep = [p for p in paths if len(p) > max_depth]
+        if too_deep:
+            raise ValueError(f"tree paths {too_deep[:3]} are deeper than the {max_depth} depths {what} drafts")
+        self.paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))  # parents before children
+        index = {(): 0} | {path: i for i, path in enumerate(self.paths, start=1)}
+        orphans = [p for p in self.paths if p[:-1] not in index]
+        if orphans:
+            raise ValueError(f"tree paths {orphans[:3]} have no parent path in the tree")
+        self.parents = [-1] + [index[p[:-1]] for p in self.paths]
+        self.depth = max(len(p) for p in self.paths)
+        self.topk = [1 + max(p[d] for p in self.paths if len(p) > d) for d in range(self.depth)]
+
+    def tree(self, root: int, logits: torch.Tensor, ids: torch.Tensor | None = None) -> TokenTree:
+        """logits [>= depth, N]: depth d's scores over N candidates (ids [N]: their target ids; None: N = V)."""
+        top = torch.cat([logits[d].topk(k).indices for d, k in enumerate(self.topk)])  # [sum(topk)]
+        ranked = (top if ids is None else ids[top]).tolist()                         # one read-back per step
+        starts = [sum(self.topk[:d]) for d in range(self.depth)]
+        tokens = [root] + [ranked[starts[len(p) - 1] + p[-1]] for p in self.paths]
+        return TokenTree(torch.tensor(tokens), self.parents)
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """bool [Q, K] (True: query may attend to key) -> additive attention mask [1, 1, Q, K] on the same device:
     0 where allowed, the dtype's minimum elsewhere."""

@@ -92,6 +92,7 @@ class EagleDrafter:
     draft_vocab: int | None = None  # EAGLE-3: its LM head covers the N most frequent training tokens (null: all);
     # EAGLE-1: the N most frequent tokens are recorded and drafted over with those rows of the target's head (FR-Spec)
     ttt_steps: int = 7  # EAGLE-3: training-time-test steps unrolled per position
+    parallel: bool = False  # P-EAGLE: draft the ttt_steps depths in one forward (placeholders after the first)
     step_decay: float = 0.8  # EAGLE-3: step i's loss weighs step_decay**i
     cls_weight: float = 0.1  # EAGLE-1: weight of the token (classification) loss
     reg_weight: float = 1.0  # EAGLE-1: weight of the feature regression (SmoothL1) loss
@@ -106,6 +107,8 @@ class EagleDrafter:
         _check(self.draft_vocab is None or self.draft_vocab >= 1, "drafter.draft_vocab", self.draft_vocab,
                "must be >= 1 or null (the full vocabulary)")
         _check(self.ttt_steps >= 1, "drafter.ttt_steps", self.ttt_steps, "must be >= 1")
+        _check(not self.parallel or (self.version == 3 and self.ttt_steps >= 2), "drafter.parallel", self.parallel,
+               "is P-EAGLE, built on EAGLE-3 (drafter.version=3) with drafter.ttt_steps >= 2 depths")
         _check(self.step_decay > 0, "drafter.step_decay", self.step_decay, "must be > 0")
         _check(self.cls_weight >= 0 and self.reg_weight >= 0 and self.cls_weight + self.reg_weight > 0,
                "drafter.cls_weight/reg_weight", (self.cls_weight, self.reg_weight), "must be >= 0, not both 0")

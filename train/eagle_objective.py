@@ -12,6 +12,9 @@ Step 0 reads the fused target features; step i >= 1 reads the drafter's own step
 with token x_{j+1+i}, at position j + i, and predicts x_{j+2+i}. Step i's query at anchor j attends to step 0's
 keys at anchors <= j and to the keys of steps 1..i at anchor j only -- exactly what it sees when drafting i
 tokens past a verified prefix ending at j (drafters.eagle.ttt_attention).
+P-EAGLE (drafter.config.parallel_drafts = K): the same unrolling with `steps` = K, but step i >= 1 reads
+placeholders (token id -1: the drafter's mask_embedding and mask_hidden) instead of x_{j+1+i} and its own step i-1
+output: exactly what one drafting forward sees at depth i + 1, where neither is known yet.
 Loss of step i: soft-label CE to the target's distribution over the draft vocabulary (the target's logits at the
 draft ids, renormalised), weighted decay**i. A position whose target
 greedy token has no draft id cannot be drafted right; it is left out of loss and accuracy and counted apart.
@@ -166,10 +169,13 @@ class Eagle3Objective(nn.Module):
         loss = 0.0
         stats = torch.zeros(self.steps, 3, dtype=torch.float64)
         self.rank_hits = torch.zeros(self.steps, self.topk, dtype=torch.float64)
+        parallel = bool(d.config.parallel_drafts)
         for i in range(self.steps):
-            # 1. step i's inputs at anchor j: token x_{j+1+i}, hidden = step i-1's output (step 0: fused features)
+            # 1. step i's inputs at anchor j: token x_{j+1+i}, hidden = step i-1's output (step 0: fused features);
+            # P-EAGLE's steps i >= 1: placeholders
             pos = (torch.arange(n, device=device) + i)[None].expand(B, n)
-            out = d(tokens[:, 1 + i:1 + i + n], h, pos, causal, cache, ttt=True)           # [B, n, H]
+            step_tokens = tokens[:, 1 + i:1 + i + n] if not (parallel and i) else tokens.new_full((B, n), -1)
+            out = d(step_tokens, h, pos, causal, cache, ttt=True)                          # [B, n, H]
             # 2. supervised where the target's next-token distribution at position j+1+i was kept
             r = rows[:, 1 + i:1 + i + n]                                                # [B, n]
             valid = r >= 0

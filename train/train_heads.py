@@ -107,7 +107,9 @@ class EagleRecipe(recipe.Recipe):
         vocab = None
         if dc.version == 3 and dc.draft_vocab:
             vocab = self.draft_vocab(dc.draft_vocab)["draft_vocab"]
-        return self.objective_for(EagleModel.from_target(self.target, dc.version, dc.feature_layers, vocab).float())
+        parallel = dc.ttt_steps if dc.parallel else None
+        return self.objective_for(EagleModel.from_target(self.target, dc.version, dc.feature_layers, vocab,
+                                                         parallel_drafts=parallel).float())
 
     def objective_for(self, drafter: EagleModel) -> Eagle1Objective | Eagle3Objective:
         dc = self.cfg.drafter
