@@ -9,6 +9,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .draft_lm import check_complete, check_draft_vocab, load_draft_lm
+from .dflash import DFlashConfig, DFlashModel
 from .eagle import EagleConfig, EagleModel
 from .kinds import KINDS, kind_of_model_type
 from .medusa import MedusaConfig, MedusaModel

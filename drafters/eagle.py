@@ -83,16 +83,21 @@ class EagleConfig(PretrainedConfig):
     def layer_config(self) -> PretrainedConfig:
         """The target family's config with one layer; attention through `eagle_attention` (torch's SDPA, or the
         training-time test's block-diagonal form)."""
-        tc = {k: v for k, v in self.target_config.items() if k not in ("model_type", "num_hidden_layers")}
-        if tc.get("layer_types"):  # per-layer attention kinds: the drafter's layer is of the first kind
-            tc["layer_types"] = tc["layer_types"][:1]
-        if tc.get("attn_logit_softcapping") is not None:  # Gemma 2: eagle_attention is SDPA, which has no soft-capping
-            tc["attn_logit_softcapping"] = None
-        config = AutoConfig.for_model(self.target_config["model_type"], **tc, num_hidden_layers=1)
-        if not eagle_shaped(config):
-            config = llama_layer_config(config)
+        config = family_layer_config(self.target_config, 1)
         config._attn_implementation = ATTENTION
         return config
+
+
+def family_layer_config(target_config: dict, num_layers: int) -> PretrainedConfig:
+    """The target family's config (from its config dict) with `num_layers` layers of the first layer kind, or a
+    Llama config of its sizes where EAGLE cannot rewire the family's layer (`eagle_shaped`)."""
+    tc = {k: v for k, v in target_config.items() if k not in ("model_type", "num_hidden_layers")}
+    if tc.get("layer_types"):  # per-layer attention kinds: the drafter's layers are of the first kind
+        tc["layer_types"] = tc["layer_types"][:1] * num_layers
+    if tc.get("attn_logit_softcapping") is not None:  # Gemma 2: the drafters' attention is SDPA, without soft-capping
+        tc["attn_logit_softcapping"] = None
+    config = AutoConfig.for_model(target_config["model_type"], **tc, num_hidden_layers=num_layers)
+    return config if eagle_shaped(config) else llama_layer_config(config, num_layers)
 
 
 def eagle_shaped(config: PretrainedConfig) -> bool:
@@ -117,7 +122,7 @@ def _has_module(module: nn.Module, dotted: str) -> bool:
     return True
 
 
-def llama_layer_config(config: PretrainedConfig) -> PretrainedConfig:
+def llama_layer_config(config: PretrainedConfig, num_layers: int = 1) -> PretrainedConfig:
     """A one-layer Llama config of the target's sizes, for families whose own layer EAGLE cannot rewire (Phi-3's
     fused q/k/v, OLMo 2's post-norms, Gemma 3's per-layer-kind rotary): the layer the serving engines run anyway."""
     rope = getattr(config, "rope_parameters", None) or {}
@@ -130,7 +135,7 @@ def llama_layer_config(config: PretrainedConfig) -> PretrainedConfig:
         num_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6), hidden_act=act, vocab_size=config.vocab_size,
-        max_position_embeddings=config.max_position_embeddings, rope_parameters=dict(rope), num_hidden_layers=1)
+        max_position_embeddings=config.max_position_embeddings, rope_parameters=dict(rope), num_hidden_layers=num_layers)
 
 
 ATTENTION = "draftsmith_eagle"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
+from .dflash import DFlashModel
 from .eagle import EagleModel
 from .medusa import MedusaModel
 
@@ -22,7 +23,8 @@ class DrafterKind:
 
 KINDS: dict[str, DrafterKind] = {k.name: k for k in (
     DrafterKind("medusa", MedusaModel, True, "Medusa heads on the target's last hidden state"),
-    DrafterKind("eagle", EagleModel, True, "an EAGLE-1 / EAGLE-3 feature drafter"),
+    DrafterKind("eagle", EagleModel, True, "an EAGLE-1 / EAGLE-3 / P-EAGLE feature drafter"),
+    DrafterKind("dflash", DFlashModel, True, "a DFlash block drafter"),
     DrafterKind("draft_lm", None, False, "a small causal LM distilled from the target"),
 )}
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ALL_KINDS = None  # an option every drafter kind takes
-DRAFT_LM, EAGLE, HEADS = ("draft_lm",), ("eagle",), ("medusa", "eagle")
+DRAFT_LM, EAGLE, HEADS = ("draft_lm",), ("eagle",), ("medusa", "eagle", "dflash")
 
 
 class ConfigError(ValueError):

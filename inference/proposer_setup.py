@@ -14,6 +14,7 @@ from drafters.kinds import check_table, kind_of
 from drafters.vocab import get_draft_vocab
 
 from .calibrate import NODE_COUNTS, choose_chain, choose_tree, draft_cost_ratio, loop_step_costs
+from .dflash_proposer import DFlashProposer
 from .draft_lm_proposer import DraftLMProposer
 from .eagle_proposer import EagleProposer, ParallelEagleProposer
 from .lookup import LookupProposer, PromptLookup
@@ -152,8 +153,17 @@ def _draft_lm_setup(drafter, target, vocab, o: dict, temperature, generator):
     return proposer, setup
 
 
+def _dflash_setup(drafter, target, vocab, o: dict, temperature, generator):
+    make = lambda paths: DFlashProposer(drafter, paths, vocab)  # noqa: E731
+    proposer, setup = parallel_proposer(drafter, drafter.config.depths, target, o["tree"], o["max_tree_nodes"],
+                                        o["min_speedup"], make, "a DFlash drafter")
+    return proposer, {**setup, **tree_record(proposer), "block_size": drafter.config.block_size,
+                      "draft_vocab": len(vocab) if vocab else "full"}
+
+
 # drafter kind -> (drafter, target, draft vocabulary or None, options, temperature, generator) -> (proposer, setup)
-PROPOSER_SETUPS = {"medusa": _medusa_setup, "eagle": _eagle_setup, "draft_lm": _draft_lm_setup}
+PROPOSER_SETUPS = {"medusa": _medusa_setup, "eagle": _eagle_setup, "dflash": _dflash_setup,
+                   "draft_lm": _draft_lm_setup}
 check_table(PROPOSER_SETUPS, "inference/proposer_setup.py PROPOSER_SETUPS")
 
 

@@ -1,17 +1,24 @@
 """Parallel drafters (one drafter forward drafts every depth): P-EAGLE (EAGLE-3 with placeholders) and DFlash (a
 block drafter). Training equals drafting, the placeholders train, and decoding is lossless in two architectures."""
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from conftest import make_tiny_target
-from drafters import EagleModel
+from drafters import DFlashModel, EagleModel
+from inference.dflash_proposer import DFlashProposer
 from inference.eagle_proposer import ParallelEagleProposer
 from inference.speculative import plain_generate, speculative_generate
 from target.model import target_forward
 from test_eagle import PROMPTS, greedy_text
+from train.dflash_objective import DFlashObjective
 from train.eagle_objective import Eagle3Objective
 
+REPO = Path(__file__).resolve().parents[1]
 CHAIN = [(0,), (0, 0), (0, 0, 0)]
 TREE = [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]
 
@@ -69,13 +76,144 @@ def peagle(request):
     return target, train(drafter, Eagle3Objective(drafter, target, steps=3), target)
 
 
+def accepted_if_lossless(target, make_proposer) -> int:
+    """Drafts accepted over PROMPTS, 40 tokens each, after checking every answer is the target's greedy one."""
+    accepted = 0
+    for prompt in map(torch.tensor, PROMPTS):
+        result = speculative_generate(target, make_proposer(), prompt, 40, set())
+        assert result.tokens == plain_generate(target, prompt, 40, set()).tokens
+        accepted += sum(result.accept_lengths)
+    return accepted
+
+
 @pytest.mark.parametrize("paths", [CHAIN, TREE], ids=["chain", "tree"])
 def test_peagle_greedy_decoding_is_lossless_and_accepts_drafts(peagle, paths):
     target, drafter = peagle
-    accepted = 0
-    for prompt in map(torch.tensor, PROMPTS):
-        reference = plain_generate(target, prompt, 40, set()).tokens
-        result = speculative_generate(target, ParallelEagleProposer(drafter, paths), prompt, 40, set())
-        assert result.tokens == reference
-        accepted += sum(result.accept_lengths)
-    assert accepted >= 10
+    assert accepted_if_lossless(target, lambda: ParallelEagleProposer(drafter, paths)) >= 10
+
+
+# --- DFlash ------------------------------------------------------------------------------------------------------
+
+
+def test_dflash_training_block_equals_the_decoding_block():
+    """A training block at anchor a computes what decoding computes after verifying positions 0..a-1 with x_a as
+    the root: the same context (positions < a), the same slots, both ways inside the block."""
+    target = make_tiny_target("qwen2")
+    drafter = DFlashModel.from_target(target, num_layers=2, block_size=4).eval()
+    ids = greedy_text(target, n_rows=1, length=16)
+    objective = DFlashObjective(drafter, target, num_anchors=5).eval()
+    captured = []
+    drafter.register_forward_hook(lambda m, args, out: captured.append((args[0], args[1], out)) and None)
+    objective(ids, torch.ones_like(ids), torch.ones_like(ids))
+    tokens, positions, out = captured[0]                                 # [1, A*4], [1, A*4], [1, A*4, H]
+    features = target_forward(target, ids, feature_layers=drafter.config.feature_layers).features
+    anchors = positions[0, ::4].tolist()
+    assert len(anchors) == 5 and tokens[0, ::4].tolist() == ids[0, anchors].tolist()
+    for b, a in enumerate(anchors):
+        proposer = DFlashProposer(drafter, [(0,)])
+        proposer.begin(ids[0, :a], features[0, :a])
+        context = drafter.context(features[:, :a], torch.arange(a)[None])
+        block = drafter(tokens[:, 4 * b:4 * b + 4], positions[:, 4 * b:4 * b + 4], context)
+        assert torch.allclose(block[0], out[0, 4 * b:4 * b + 4], atol=1e-5), a
+        assert all(torch.equal(k, pk) for (k, _), (pk, _) in zip(context, proposer.context))
+
+
+def test_dflash_loss_is_the_weighted_soft_cross_entropy_of_every_slot():
+    """The objective's loss, recomputed block by block from decoding-time forwards and the target's logits."""
+    target = make_tiny_target()
+    drafter = DFlashModel.from_target(target, num_layers=1, block_size=3).eval()
+    ids = greedy_text(target, n_rows=1, length=12)
+    mask = torch.ones_like(ids)
+    loss_mask = mask.clone()
+    loss_mask[0, :5] = 0                                                  # x_0..x_4 not supervised
+    objective = DFlashObjective(drafter, target, num_anchors=64, gamma=2.0).eval()
+    loss, stats = objective(ids, mask, loss_mask)
+    torch.set_grad_enabled(False)
+    out = target_forward(target, ids, feature_layers=drafter.config.feature_layers)
+    logits = target(ids).logits[0]
+    total = weight = 0.0
+    count = torch.zeros(2)
+    for a in range(4, 11):                                                # anchors whose next token is supervised
+        context = drafter.context(out.features[:, :a], torch.arange(a)[None])
+        block = drafter(torch.tensor([[ids[0, a], drafter.config.mask_token_id, drafter.config.mask_token_id]]),
+                        torch.arange(a, a + 3)[None], context)[0]
+        for k in (1, 2):
+            if a + k >= ids.shape[1]:
+                continue
+            w = math.exp(-(k - 1) / 2.0)
+            p = torch.softmax(logits[a + k - 1], -1)
+            total += w * float(-(p * torch.log_softmax(drafter.logits(block[k]), -1)).sum())
+            weight += w
+            count[k - 1] += 1
+    torch.set_grad_enabled(True)
+    assert float(loss) == pytest.approx(total / weight, rel=1e-5)
+    assert stats[:, 2].tolist() == count.tolist()
+
+
+def test_dflash_trains_its_layers_and_not_the_target():
+    target = make_tiny_target()
+    drafter = DFlashModel.from_target(target, num_layers=1, block_size=4)
+    before = {k: v.clone() for k, v in drafter.named_parameters()}
+    frozen = {k: v.clone() for k, v in target.state_dict().items()}
+    train(drafter, DFlashObjective(drafter, target, num_anchors=8), target, steps=2)
+    assert before.keys() == {k for k, _ in drafter.named_parameters()}
+    assert not any(k.startswith("target") or "embed" in k or "lm_head" in k for k in before)
+    assert all(not torch.equal(v, dict(drafter.named_parameters())[k]) for k, v in before.items()), \
+        [k for k, v in before.items() if torch.equal(v, dict(drafter.named_parameters())[k])]
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in frozen.items())
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def dflash(request):
+    target = make_tiny_target(request.param)
+    drafter = DFlashModel.from_target(target, num_layers=2, block_size=4)
+    return target, train(drafter, DFlashObjective(drafter, target, num_anchors=32), target, steps=100)
+
+
+@pytest.mark.parametrize("paths", [CHAIN, TREE], ids=["chain", "tree"])
+def test_dflash_greedy_decoding_is_lossless_and_accepts_drafts(dflash, paths):
+    target, drafter = dflash
+    assert accepted_if_lossless(target, lambda: DFlashProposer(drafter, paths)) >= 5
+
+
+# --- through the recipe --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", ["peagle_tiny", "dflash_tiny"])
+def test_parallel_drafters_train_save_and_evaluate_losslessly(assets, tmp_path, config):
+    from drafters import load_drafter
+    from target.model import load_target
+    from tiny_assets import tiny_overrides
+    from train.config import load_config
+    from train.train_heads import run
+
+    overrides = tiny_overrides(assets, tmp_path / "run", "training.max_steps=2",
+                               f"eval.questions={assets['eval.questions']}", "eval.check_lossless=true")
+    cfg = load_config(str(REPO / "configs" / f"{config}.yaml"), overrides)
+    result = run(cfg)
+    assert result.finished and result.step == 2
+    pristine, _ = load_target(assets["target"])
+    saved = load_drafter(str(tmp_path / "run" / "drafter"), pristine)
+    depths = cfg.drafter.block_size - 1 if config.startswith("dflash") else cfg.drafter.ttt_steps
+    assert isinstance(saved, DFlashModel if config.startswith("dflash") else EagleModel)
+    assert len(saved.config.step_topk_accuracy) == depths
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["setup"]["drafter_kind"] == cfg.drafter.kind and report["setup"]["proposer"]["tree"] == "chain"
+    assert report["setup"]["proposer"]["nodes"] == depths + 1
+    assert report["lossless"]["mismatches"] == 0 and report["lossless"]["checked"] == 3
+
+
+@pytest.mark.parametrize("kind", ["peagle", "dflash"])
+def test_parallel_drafters_sample_the_targets_distribution(kind):
+    """At temperature 1 the whole loop with a one-forward tree (top-k drafts: point masses) emits sequences
+    distributed exactly as the target's own samples."""
+    from test_sampling import assert_samples_the_target, tiny_pair
+
+    target, _ = tiny_pair("llama")
+    torch.manual_seed(0)
+    if kind == "peagle":
+        proposer = ParallelEagleProposer(EagleModel.from_target(target, version=3, parallel_drafts=2).eval(),
+                                         [(0,), (1,), (0, 0)])
+    else:
+        proposer = DFlashProposer(DFlashModel.from_target(target, block_size=3).eval(), [(0,), (1,), (0, 0)])
+    assert_samples_the_target(target, proposer)

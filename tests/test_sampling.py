@@ -198,7 +198,12 @@ def test_eagle_sampling_end_to_end_matches_target_distribution(shape):
     drafter = EagleModel.from_target(target, version=3).eval()
     kwargs = dict(tree="static", paths=[(0,), (0, 0)]) if shape == "chain" else dict(tree="dynamic", depth=2,
                                                                                         topk=2, nodes=5)
-    proposer = EagleProposer(drafter, **kwargs)
+    assert_samples_the_target(target, EagleProposer(drafter, **kwargs))
+
+
+def assert_samples_the_target(target, proposer, runs: int = 1500) -> None:
+    """The loop at temperature 1 with `proposer` emits NEW tokens after PROMPT with the target's own sequence
+    probabilities (chi-square), and accepts some drafts but not all (else the test would not exercise rejection)."""
     exact = exact_sequence_probs(target, PROMPT, NEW)
     gen = torch.Generator().manual_seed(3)
     accepted = []
@@ -208,6 +213,6 @@ def test_eagle_sampling_end_to_end_matches_target_distribution(shape):
         accepted.extend(r.accept_lengths)
         return r.tokens
 
-    counts = counts_of(spec, 1500)
+    counts = counts_of(spec, runs)
     assert chi_square_p_value(counts, exact) > 1e-3
     assert 0 < sum(accepted) < 2 * len(accepted)

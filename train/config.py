@@ -115,8 +115,35 @@ class EagleDrafter:
         _check(self.feature_noise >= 0, "drafter.feature_noise", self.feature_noise, "must be >= 0")
 
 
+@dataclass
+class DFlashDrafter:
+    kind: Literal["dflash"] = "dflash"
+    num_layers: int = 1  # decoder layers of the target's family (the paper's 5 on 8B targets)
+    block_size: int = 8  # slots per block: the root and block_size - 1 drafted tokens (the paper's 16)
+    feature_layers: list[int] | None = None  # target layers whose OUTPUTS are fused; null: the reference's choice
+    mask_token_id: int | None = None  # the target token that fills masked slots; null: its pad, else eos token
+    num_anchors: int = 64  # blocks drawn per sequence and step (the reference's 512 at GPU scale)
+    loss_decay_gamma: float = 7.0  # slot k's loss weighs exp(-(k - 1) / gamma); 0: equal weights
+    draft_vocab: int | None = None  # FR-Spec: record the N most frequent tokens; drafts rank among them
+    features: str | None = None  # offline mode: a feature cache written by `python -m train.features`
+
+    def __post_init__(self):
+        _check(self.num_layers >= 1, "drafter.num_layers", self.num_layers, "must be >= 1")
+        _check(self.block_size >= 2, "drafter.block_size", self.block_size, "must be >= 2 (the root and a draft)")
+        _check(self.feature_layers is None or len(self.feature_layers) >= 1, "drafter.feature_layers",
+               self.feature_layers, "must list at least one target layer, or be null (the reference's choice)")
+        _check(self.mask_token_id is None or self.mask_token_id >= 0, "drafter.mask_token_id", self.mask_token_id,
+               "must be a token id >= 0, or null")
+        _check(self.num_anchors >= 1, "drafter.num_anchors", self.num_anchors, "must be >= 1")
+        _check(math.isfinite(self.loss_decay_gamma) and self.loss_decay_gamma >= 0, "drafter.loss_decay_gamma",
+               self.loss_decay_gamma, "must be a finite number >= 0")
+        _check(self.draft_vocab is None or self.draft_vocab >= 1, "drafter.draft_vocab", self.draft_vocab,
+               "must be >= 1 or null (the full vocabulary)")
+
+
 # drafter.kind -> the dataclass of that kind's `drafter` section.
-DRAFTER_SECTIONS: dict[str, type] = {"medusa": MedusaDrafter, "draft_lm": DraftLMDrafter, "eagle": EagleDrafter}
+DRAFTER_SECTIONS: dict[str, type] = {"medusa": MedusaDrafter, "draft_lm": DraftLMDrafter, "eagle": EagleDrafter,
+                                     "dflash": DFlashDrafter}
 check_table(DRAFTER_SECTIONS, "train/config.py DRAFTER_SECTIONS")
 
 

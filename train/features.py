@@ -10,6 +10,7 @@ from cli.errors import ArgumentParser, run_main
 from data.embedded import resolve_data
 from data.features import dump_features, manifest_for
 from data.tokenize import build_token_dataset
+from drafters.dflash import default_feature_layers as dflash_feature_layers
 from drafters.eagle import default_feature_layers
 from target.model import load_target
 from train.config import load_config
@@ -24,8 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    if cfg.drafter.kind != "eagle":
-        p.error(f"{args.config}: drafter.kind is {cfg.drafter.kind!r}; feature caches are for EAGLE drafters")
+    if cfg.drafter.kind not in ("eagle", "dflash"):
+        p.error(f"{args.config}: drafter.kind is {cfg.drafter.kind!r}; feature caches are for EAGLE and DFlash drafters")
     out = args.output or cfg.drafter.features
     if not out:
         p.error("give --output (or set drafter.features in the config)")
@@ -40,10 +41,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def feature_layers_of(cfg, target) -> list[int] | None:
-    """The target layers an EAGLE config's drafter reads (None for EAGLE-1: the last hidden state only)."""
+    """The target layers an EAGLE or DFlash config's drafter reads (None for EAGLE-1: the last hidden state only)."""
+    L = target.config.get_text_config().num_hidden_layers
+    if cfg.drafter.kind == "dflash":
+        return cfg.drafter.feature_layers or dflash_feature_layers(L, cfg.drafter.num_layers)
     if cfg.drafter.version == 1:
         return None
-    return cfg.drafter.feature_layers or default_feature_layers(target.config.get_text_config().num_hidden_layers)
+    return cfg.drafter.feature_layers or default_feature_layers(L)
 
 
 if __name__ == "__main__":

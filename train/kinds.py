@@ -10,6 +10,7 @@ from drafters.kinds import check_table, get_kind
 TRAINING: dict[str, tuple[str, str]] = {
     "medusa": ("train/train_heads.py", "train.train_heads:MedusaRecipe"),
     "eagle": ("train/train_heads.py", "train.train_heads:EagleRecipe"),
+    "dflash": ("train/train_heads.py", "train.train_heads:DFlashRecipe"),
     "draft_lm": ("train/train_draft_lm.py", "train.train_draft_lm:DraftLMRecipe"),
 }
 check_table(TRAINING, "train/kinds.py TRAINING")

@@ -70,6 +70,9 @@ def model_card(drafter_dir: str, repo_id: str, report: dict | None, benchmark: d
                   f"the token k + 2 positions ahead from the target's last hidden state.", ""]
     if kind == "eagle":
         lines += [_eagle_description(config), ""]
+    if kind == "dflash":
+        lines += [f"A DFlash block drafter: {config.num_layers} decoder layer(s) reading the target's layers "
+                  f"{config.feature_layers}, drafting {config.block_size - 1} tokens per forward.", ""]
     if target and target in EMBEDDED_TARGET_SOURCES:
         lines += [f"Trained against draftsmith's embedded target `{target}` (a GGUF build of {base}, dequantized "
                   f"to float32); with the original {base} checkpoint the heads' accuracy may differ slightly.", ""]

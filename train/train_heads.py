@@ -1,7 +1,9 @@
-"""Train Medusa heads or an EAGLE drafter (drafter.kind: medusa | eagle) on a frozen target.
+"""Train Medusa heads, an EAGLE drafter or a DFlash drafter (drafter.kind: medusa | eagle | dflash) on a frozen
+target.
 
     deepspeed train/train_heads.py --config configs/medusa_smollm2.yaml [key=value ...]
     deepspeed train/train_heads.py --config configs/eagle3_smollm2.yaml
+    deepspeed train/train_heads.py --config configs/dflash_smollm2.yaml
     torchrun --nproc_per_node 2 train/train_heads.py --config configs/medusa_tiny.yaml output_dir=/tmp/run
     python train/train_heads.py --config configs/medusa_tiny.yaml training.lr=3e-4      # one process
 
@@ -22,9 +24,10 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
 
 from cli.errors import run_main  # noqa: E402
 from train import recipe  # noqa: E402  (first: it sets DS_ACCELERATOR before anything imports deepspeed)
-from drafters import EagleModel, MedusaModel  # noqa: E402
+from drafters import DFlashModel, EagleModel, MedusaModel  # noqa: E402
 from train import kinds  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
+from train.dflash_objective import DFlashObjective  # noqa: E402
 from train.eagle_objective import Eagle1Objective, Eagle3Objective  # noqa: E402
 from train.objectives import MedusaObjective, head_topk_accuracy  # noqa: E402
 
@@ -154,6 +157,38 @@ class EagleRecipe(recipe.Recipe):
 
     def save_drafter(self, drafter: EagleModel, path: Path) -> None:
         drafter.save_pretrained(path)
+
+
+class DFlashRecipe(EagleRecipe):
+    """A DFlash block drafter: the target's features online, or from an offline feature cache as for EAGLE-3."""
+
+    @property
+    def num_stats(self) -> int:
+        return self.cfg.drafter.block_size - 1
+
+    def build_objective(self) -> DFlashObjective:
+        dc = self.cfg.drafter
+        drafter = DFlashModel.from_target(self.target, dc.num_layers, dc.block_size, dc.feature_layers,
+                                          dc.mask_token_id)
+        return self.objective_for(drafter.float())
+
+    def objective_for(self, drafter: DFlashModel) -> DFlashObjective:
+        return DFlashObjective(drafter, self.target, self.cfg.drafter.num_anchors, self.cfg.drafter.loss_decay_gamma)
+
+    def inference_drafter(self, state: dict, measure: bool = True) -> DFlashModel:
+        """The trained drafter in the target's dtype, with held-out accuracy per block slot (and rank) recorded."""
+        dc = self.cfg.drafter
+        drafter = DFlashModel(copy.deepcopy(self.engine.module.drafter.config))
+        drafter.load_state_dict(state)
+        drafter = drafter.to(device=self.d.device, dtype=self.target.dtype).eval()
+        drafter.attach_target(self.target)
+        if dc.draft_vocab:
+            self.record_draft_vocab(drafter.config, dc.draft_vocab, say=measure)
+        if self.holdout and measure:
+            drafter.config.step_accuracy, drafter.config.step_topk_accuracy = self.heldout_accuracy(drafter)
+            self._print(f"held-out top-1 accuracy per block slot ({len(self.holdout)} conversations): "
+                        + ", ".join(f"{a:.3f}" for a in drafter.config.step_accuracy))
+        return drafter
 
 
 def run(cfg: TrainConfig, local_rank: int | None = None) -> recipe.TrainResult:
