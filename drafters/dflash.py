@@ -35,15 +35,18 @@ class DFlashConfig(PretrainedConfig):
 
     def __init__(self, target_config: dict | None = None, num_layers: int = 1, block_size: int = 8,
                  feature_layers: list[int] | None = None, mask_token_id: int | None = None,
+                 layer_family: str | None = None,
                  target_name_or_path: str | None = None, target_revision: str | None = None,
                  step_accuracy: list[float] | None = None, step_topk_accuracy: list[list[float]] | None = None,
                  **kwargs):
         """feature_layers: target layers whose OUTPUTS are fused (= hidden_states[i + 1]). mask_token_id: the
-        target token whose embedding fills the masked slots. step_accuracy / step_topk_accuracy: held-out
+        target token whose embedding fills the masked slots. layer_family: None (the target's family) or 'llama' /
+        'qwen3' (that layer at the target's sizes; qwen3 is the reference's, the layer SGLang's DFLASH runs). step_accuracy / step_topk_accuracy: held-out
         accuracy per block slot 1..B-1 (per rank), written by training; it sizes the evaluation's tree."""
         self.target_config = target_config or {}
         self.num_layers, self.block_size = num_layers, block_size
         self.feature_layers, self.mask_token_id = feature_layers, mask_token_id
+        self.layer_family = layer_family
         self.target_name_or_path, self.target_revision = target_name_or_path, target_revision
         self.step_accuracy, self.step_topk_accuracy = step_accuracy, step_topk_accuracy
         super().__init__(**kwargs)
@@ -74,7 +77,7 @@ class DFlashModel(PreTrainedModel):
         if config.block_size < 2 or config.num_layers < 1 or not config.feature_layers:
             raise ValueError(f"a DFlash drafter needs block_size >= 2, num_layers >= 1 and feature_layers; got "
                              f"{config.block_size}, {config.num_layers}, {config.feature_layers}")
-        lc = family_layer_config(config.target_config, config.num_layers)
+        lc = family_layer_config(config.target_config, config.num_layers, config.layer_family)
         layer_cls, norm_cls, rotary_cls = family_classes(lc)
         H, eps = config.hidden, lc.rms_norm_eps
         self.fc = nn.Linear(len(config.feature_layers) * H, H, bias=False)
@@ -100,7 +103,7 @@ class DFlashModel(PreTrainedModel):
     @classmethod
     def from_target(cls, target: PreTrainedModel, num_layers: int = 1, block_size: int = 8,
                     feature_layers: list[int] | None = None, mask_token_id: int | None = None,
-                    target_name_or_path: str | None = None) -> "DFlashModel":
+                    layer_family: str | None = None, target_name_or_path: str | None = None) -> "DFlashModel":
         """A fresh drafter for `target`; mask_token_id defaults to the target's pad token, else its eos token."""
         tc = target.config.get_text_config()
         L = tc.num_hidden_layers
@@ -115,7 +118,7 @@ class DFlashModel(PreTrainedModel):
             raise ValueError(f"mask_token_id {mask_token_id} is not a token of the target (vocabulary {tc.vocab_size}); "
                              "set drafter.mask_token_id")
         config = DFlashConfig(target_config=tc.to_dict(), num_layers=num_layers, block_size=block_size,
-                              feature_layers=layers, mask_token_id=mask_token_id,
+                              feature_layers=layers, mask_token_id=mask_token_id, layer_family=layer_family,
                               target_name_or_path=target_name_or_path or tc._name_or_path or None,
                               target_revision=getattr(tc, "_commit_hash", None))
         model = cls(config)

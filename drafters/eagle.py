@@ -88,9 +88,12 @@ class EagleConfig(PretrainedConfig):
         return config
 
 
-def family_layer_config(target_config: dict, num_layers: int) -> PretrainedConfig:
+def family_layer_config(target_config: dict, num_layers: int, family: str | None = None) -> PretrainedConfig:
     """The target family's config (from its config dict) with `num_layers` layers of the first layer kind, or a
-    Llama config of its sizes where EAGLE cannot rewire the family's layer (`eagle_shaped`)."""
+    Llama config of its sizes where EAGLE cannot rewire the family's layer (`eagle_shaped`); family 'llama' or
+    'qwen3': that family's layer of the target's sizes."""
+    if family is not None:
+        return llama_layer_config(AutoConfig.for_model(**target_config), num_layers, family)
     tc = {k: v for k, v in target_config.items() if k not in ("model_type", "num_hidden_layers")}
     if tc.get("layer_types"):  # per-layer attention kinds: the drafter's layers are of the first kind
         tc["layer_types"] = tc["layer_types"][:1] * num_layers
@@ -122,15 +125,16 @@ def _has_module(module: nn.Module, dotted: str) -> bool:
     return True
 
 
-def llama_layer_config(config: PretrainedConfig, num_layers: int = 1) -> PretrainedConfig:
-    """A one-layer Llama config of the target's sizes, for families whose own layer EAGLE cannot rewire (Phi-3's
-    fused q/k/v, OLMo 2's post-norms, Gemma 3's per-layer-kind rotary): the layer the serving engines run anyway."""
+def llama_layer_config(config: PretrainedConfig, num_layers: int = 1, family: str = "llama") -> PretrainedConfig:
+    """A Llama config of the target's sizes, for families whose own layer EAGLE cannot rewire (Phi-3's fused q/k/v,
+    OLMo 2's post-norms, Gemma 3's per-layer-kind rotary): the layer the serving engines run anyway. family="qwen3":
+    the same sizes in a Qwen3 layer (a Llama layer with per-head q/k norms: DFlash's reference layer)."""
     rope = getattr(config, "rope_parameters", None) or {}
     if "rope_type" not in rope:  # per layer kind (Gemma 3): the full-attention layers' rotary
         rope = rope.get("full_attention") or {"rope_type": "default", "rope_theta": 10000.0}
     act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
     return AutoConfig.for_model(
-        "llama", hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        family, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,

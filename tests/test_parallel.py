@@ -163,10 +163,11 @@ def test_dflash_trains_its_layers_and_not_the_target():
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in frozen.items())
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=[("llama", "qwen3"), ("qwen2", None)], ids=["llama-qwen3layers", "qwen2"])
 def dflash(request):
-    target = make_tiny_target(request.param)
-    drafter = DFlashModel.from_target(target, num_layers=2, block_size=4)
+    arch, layers = request.param  # the reference's Qwen3 layers on a Llama target; the target's own layers
+    target = make_tiny_target(arch)
+    drafter = DFlashModel.from_target(target, num_layers=2, block_size=4, layer_family=layers)
     return target, train(drafter, DFlashObjective(drafter, target, num_anchors=32), target, steps=100)
 
 

@@ -122,6 +122,7 @@ class DFlashDrafter:
     block_size: int = 8  # slots per block: the root and block_size - 1 drafted tokens (the paper's 16)
     feature_layers: list[int] | None = None  # target layers whose OUTPUTS are fused; null: the reference's choice
     mask_token_id: int | None = None  # the target token that fills masked slots; null: its pad, else eos token
+    layer_family: Literal["llama", "qwen3"] | None = None  # null: the target's layer; qwen3: the reference's (SGLang)
     num_anchors: int = 64  # blocks drawn per sequence and step (the reference's 512 at GPU scale)
     loss_decay_gamma: float = 7.0  # slot k's loss weighs exp(-(k - 1) / gamma); 0: equal weights
     draft_vocab: int | None = None  # FR-Spec: record the N most frequent tokens; drafts rank among them

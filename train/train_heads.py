@@ -169,7 +169,7 @@ class DFlashRecipe(EagleRecipe):
     def build_objective(self) -> DFlashObjective:
         dc = self.cfg.drafter
         drafter = DFlashModel.from_target(self.target, dc.num_layers, dc.block_size, dc.feature_layers,
-                                          dc.mask_token_id)
+                                          dc.mask_token_id, dc.layer_family)
         return self.objective_for(drafter.float())
 
     def objective_for(self, drafter: DFlashModel) -> DFlashObjective:
