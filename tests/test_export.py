@@ -300,7 +300,7 @@ def test_unsorted_feature_layers_are_written_in_engine_order(tmp_path, fmt):
 
 @pytest.mark.parametrize("change,message", [
     ({"draft_vocab_size": N + 10}, r"lm_head.weight \[50, 64\], expected \[60, 64\]"),
-    ({"model_type": "llama"}, "expected 'draftsmith_eagle' or 'draftsmith_medusa'"),
+    ({"model_type": "llama"}, "expected 'draftsmith_eagle', 'draftsmith_dflash' or 'draftsmith_medusa'"),
 ])
 def test_refuses_a_config_that_does_not_fit(tmp_path, change, message):
     folder = write_drafter(tmp_path / "drafter", **change)
@@ -447,3 +447,76 @@ def test_eagle1_refusals(llama_target, tmp_path):
     with pytest.raises(ExportRefused, match="input_layernorm.weight has no place"):
         export(folder, "sglang", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- parallel drafters: DFlash (the reference layout, speculators' dflash) and P-EAGLE (speculators' peagle) ------
+
+
+def eight_layer_target() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                        pad_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dflash_exports_every_tensor_with_the_ids_each_loader_reads(tmp_path, fmt):
+    from drafters import DFlashModel
+
+    drafter = DFlashModel.from_target(eight_layer_target(), num_layers=2, block_size=5, feature_layers=[5, 1, 3],
+                                      layer_family="qwen3", target_name_or_path="someone/target")
+    report = export(saved(drafter, tmp_path / "drafter"), fmt, tmp_path / "out")
+    config, exported = read(tmp_path / "out")
+    assert exported.keys() == drafter.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in drafter.state_dict().items())
+    layers = config["transformer_layer_config"] if fmt == "vllm" else config
+    assert (layers["model_type"], layers["num_hidden_layers"], layers["layer_types"]) == \
+        ("qwen3", 2, ["full_attention"] * 2)
+    if fmt == "sglang":  # z-lab reads hidden_states[id + 1] in list order: draftsmith's layer outputs as they are
+        assert config["dflash_config"] == {"mask_token_id": 0, "target_layer_ids": [5, 1, 3]}
+        assert (config["block_size"], config["num_target_layers"], config["architectures"]) == \
+            (5, 8, ["DFlashDraftModel"])
+    else:
+        assert config["aux_hidden_state_layer_ids"] == [6, 2, 4] and config["mask_token_id"] == 0
+        assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 4
+        assert config["speculators_config"]["verifier"]["name_or_path"] == "someone/target"
+    assert report.rows and all(r.source == r.output for r in report.rows)
+
+
+def test_dflash_export_refuses_layers_the_engines_do_not_run(tmp_path):
+    from drafters import DFlashModel
+
+    target = eight_layer_target()
+    own = saved(DFlashModel.from_target(target, feature_layers=[1, 3]), tmp_path / "llama_layers")
+    with pytest.raises(ExportRefused, match="'llama' layers.*drafter.layer_family=qwen3"):
+        export(own, "sglang", tmp_path / "a")
+    last = saved(DFlashModel.from_target(target, feature_layers=[1, 7], layer_family="qwen3"), tmp_path / "last")
+    with pytest.raises(ExportRefused, match="last layer.*--format sglang"):
+        export(last, "vllm", tmp_path / "b", verifier="someone/target")
+    export(last, "sglang", tmp_path / "c")
+
+
+def test_peagle_exports_its_placeholders_to_speculators(tmp_path):
+    target = eight_layer_target()
+    target.save_pretrained(tmp_path / "target")
+    tiny_tokenizer().save_pretrained(tmp_path / "target")
+    drafter = EagleModel.from_target(target, version=3, feature_layers=[4, 1, 2], parallel_drafts=4)
+    with torch.no_grad():
+        drafter.mask_embedding.normal_()
+    saved(drafter, tmp_path / "drafter")
+    with pytest.raises(ExportRefused, match="no sglang layout.*--format vllm"):
+        export(tmp_path / "drafter", "sglang", tmp_path / "a")
+    export(tmp_path / "drafter", "vllm", tmp_path / "out", target=str(tmp_path / "target"), verifier="x/y",
+           mask_token_id=7)
+    config, exported = read(tmp_path / "out")
+    assert (config["speculators_model_type"], config["architectures"], config["mask_token_id"]) == \
+        ("peagle", ["PEagleSpeculator"], 7)
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 4
+    embed, want = exported["embed_tokens.weight"], target.get_input_embeddings().weight
+    assert torch.equal(embed[7], drafter.mask_embedding.detach())
+    assert torch.equal(torch.cat([embed[:7], embed[8:]]), torch.cat([want[:7], want[8:]]))
+    # the engine fuses the placeholder feature with its reordered fc exactly as the drafter does
+    engine = exported["fc.weight"] @ exported["mask_hidden"].flatten()
+    assert exported["mask_hidden"].shape == (1, 1, 3 * 64)
+    assert torch.allclose(engine, drafter.fc.weight @ drafter.mask_hidden, atol=1e-5)
+    assert not torch.equal(exported["mask_hidden"].flatten(), drafter.mask_hidden.detach())  # it was reordered

@@ -4,6 +4,8 @@ which loader reads what, and why each refusal exists).
     python -m train.export --drafter RUN_DIR/drafter --format sglang --output OUT
     python -m train.export --drafter RUN_DIR/drafter --format vllm --output OUT [--verifier HUB_ID_OR_PATH]
 
+EAGLE-3 here; Medusa and EAGLE-1 in train/export_heads.py, DFlash and P-EAGLE in train/export_parallel.py.
+
 Each layout is one folder with config.json and model.safetensors. Every input tensor lands in the output under its
 engine name (the vllm layout adds the target's embed_tokens); what a loader cannot express is refused
 (ExportRefused), never dropped. draftsmith's feature_layers are layer OUTPUTS (hidden_states[i + 1]); SGLang's
@@ -130,8 +132,8 @@ def check_drafter(d: Drafter) -> None:
     """Refuse anything that is not a well-formed draftsmith EAGLE-3 drafter (independent of the engine)."""
     where = d.folder / "config.json"
     if d.config.get("model_type") != "draftsmith_eagle":
-        raise ExportRefused(f"{where}: model_type {d.config.get('model_type')!r}, expected 'draftsmith_eagle' or "
-                            f"'draftsmith_medusa'. A draft LM is a causal LM checkpoint already: give its folder to "
+        raise ExportRefused(f"{where}: model_type {d.config.get('model_type')!r}, expected 'draftsmith_eagle', "
+                            f"'draftsmith_dflash' or 'draftsmith_medusa'. A draft LM is a causal LM checkpoint already: give its folder to "
                             f"the engine as the draft model")
     if d.config.get("eagle_version") != 3:
         raise ExportRefused(f"{where}: eagle_version {d.config.get('eagle_version')!r}; draftsmith exports EAGLE-1 "
@@ -366,11 +368,12 @@ def prepare_output(output: Path, drafter_folder: Path, force: bool) -> None:
 
 def export(drafter_dir: str | Path, fmt: str, output: str | Path, verifier: str | None = None,
            dtype: str | None = None, force: bool = False, speculative_tokens: int = 3, embedding: bool = True,
-           target: str | None = None) -> ExportReport:
+           target: str | None = None, mask_token_id: int | None = None) -> ExportReport:
     """Write `output`/{config.json, model.safetensors} in the layout of `fmt` ('sglang' or 'vllm') and return the
     mapping. dtype ('float32', 'float16', 'bfloat16') casts floating tensors; d2t stays int64, t2d bool.
     embedding (vllm, EAGLE-3): write the target's embed_tokens, read from `target` (default: `verifier`, else the
-    drafter's target); `target` also gives Medusa heads that share the target's LM head that head."""
+    drafter's target); `target` also gives Medusa heads that share the target's LM head that head. mask_token_id
+    (P-EAGLE): the token whose embed_tokens row carries the placeholder (train/export_parallel.py)."""
     if fmt not in FORMATS:
         raise ExportRefused(f"--format {fmt!r}: choose one of {FORMATS}")
     if dtype is not None and dtype not in DTYPES:
@@ -382,6 +385,16 @@ def export(drafter_dir: str | Path, fmt: str, output: str | Path, verifier: str 
         from train.export_heads import head_layout  # Medusa and EAGLE-1: built on this module's helpers
 
         layout = head_layout(d, fmt, target or verifier)
+    elif d.config.get("model_type") == "draftsmith_dflash":
+        from train.export_parallel import dflash_layout
+
+        layout = dflash_layout(d, fmt, verifier)
+    elif d.config.get("parallel_drafts"):
+        from train.export_parallel import add_peagle, peagle_parts
+
+        eagle3, placeholders = peagle_parts(d, fmt)
+        layout = eagle3_layout(eagle3, fmt, verifier, d.config["parallel_drafts"], embedding, target)
+        add_peagle(layout, d, placeholders, mask_token_id)
     else:
         layout = eagle3_layout(d, fmt, verifier, speculative_tokens, embedding, target)
     return write_layout(layout, d, Path(output), dtype, force)
@@ -456,14 +469,19 @@ def with_dtype(config: dict, dtype: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--drafter", required=True, help="a drafter folder saved by draftsmith (EAGLE-3, EAGLE-1, Medusa)")
+    p.add_argument("--drafter", required=True,
+                   help="a drafter folder saved by draftsmith (EAGLE-3, P-EAGLE, EAGLE-1, DFlash, Medusa)")
     p.add_argument("--format", required=True, choices=FORMATS,
-                   help="sglang: EAGLE-3 native, EAGLE-1 LlamaForCausalLMEagle; vllm: EAGLE-3 speculators, EAGLE-1, "
-                        "Medusa")
+                   help="sglang: EAGLE-3 native, EAGLE-1 LlamaForCausalLMEagle, DFlash reference (DFLASH); vllm: "
+                        "EAGLE-3, P-EAGLE and DFlash in speculators' layouts, EAGLE-1, Medusa")
     p.add_argument("--output", required=True, help="a new (or empty) folder")
     p.add_argument("--verifier", help="vllm: the target's Hub id or path (default: the drafter's target)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating tensors (default: keep them as saved)")
-    p.add_argument("--speculative-tokens", type=int, default=3, help="vllm: draft tokens per step (default 3)")
+    p.add_argument("--speculative-tokens", type=int, default=3,
+                   help="vllm EAGLE-3: draft tokens per step (default 3; P-EAGLE and DFlash: the depths they draft)")
+    p.add_argument("--mask-token-id", type=int,
+                   help="vllm P-EAGLE: the token whose embed_tokens row carries the placeholder (default: the "
+                        "target's pad, else eos token)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --output")
     p.add_argument("--no-embedding", dest="embedding", action="store_false",
                    help="vllm: leave the target's embed_tokens out (for an engine that shares the target's)")
@@ -473,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         report = export(args.drafter, args.format, args.output, args.verifier, args.dtype, args.force,
-                        args.speculative_tokens, args.embedding, args.target)
+                        args.speculative_tokens, args.embedding, args.target, args.mask_token_id)
     except ExportRefused as err:
         p.error(str(err))
     print(report.table())
