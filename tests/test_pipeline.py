@@ -126,7 +126,7 @@ def test_a_failing_stage_is_reported_with_its_log(tmp_path):
 def test_shipped_pipeline_configs_parse_with_their_training_configs(path, tmp_path):
     cfg = load_dataclass(PipelineConfig, str(path), [f"work_dir={tmp_path}", f"output_dir={tmp_path / 'out'}"])
     pipeline = Pipeline(cfg)
-    assert set(pipeline.train_cfgs) == set(NAMES)
+    assert set(pipeline.train_cfgs) == set(NAMES) | ({"peagle", "dflash"} if "gpu" in path.name else set())
     for name, tc in pipeline.train_cfgs.items():
         assert tc.training.max_minutes == cfg.drafters[name].minutes and tc.eval.questions is None
         assert tc.data.train == str(tmp_path / "regenerated.jsonl")
