@@ -218,3 +218,24 @@ def test_parallel_drafters_sample_the_targets_distribution(kind):
     else:
         proposer = DFlashProposer(DFlashModel.from_target(target, block_size=3).eval(), [(0,), (1,), (0, 0)])
     assert_samples_the_target(target, proposer)
+
+
+@pytest.mark.parametrize("kind", ["peagle", "dflash"])
+def test_auto_trees_come_from_the_recorded_accuracy_and_dynamic_is_refused(kind):
+    """--tree auto sizes a static tree over the drafter's depths from its held-out accuracy per depth and rank (a
+    drafter that is always right at every depth pays at any margin); --tree dynamic is one line."""
+    from inference.proposer_setup import make_proposer
+
+    target = make_tiny_target()
+    if kind == "peagle":
+        drafter, proposer_class = EagleModel.from_target(target, version=3, parallel_drafts=3), ParallelEagleProposer
+    else:
+        drafter, proposer_class = DFlashModel.from_target(target, block_size=4), DFlashProposer
+    drafter.config.step_topk_accuracy = [[1.0, 0.0]] * 3
+    with torch.no_grad():
+        proposer, setup = make_proposer(drafter.eval(), target, tree="auto", max_tree_nodes=4, min_speedup=0.01)
+    assert isinstance(proposer, proposer_class)
+    assert setup["depth"] == 3 and proposer.paths == [(0,), (0, 0), (0, 0, 0)]  # the chain: rank 1 is never right
+    assert [row["nodes"] for row in setup["calibration"]["candidates"]] == [2, 3, 4]
+    with pytest.raises(ValueError, match="--tree dynamic.*one forward: use --tree auto, chain or JSON rank paths"):
+        make_proposer(drafter, target, tree="dynamic")
