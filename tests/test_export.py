@@ -468,19 +468,22 @@ def test_dflash_exports_every_tensor_with_the_ids_each_loader_reads(tmp_path, fm
     report = export(saved(drafter, tmp_path / "drafter"), fmt, tmp_path / "out")
     config, exported = read(tmp_path / "out")
     assert exported.keys() == drafter.state_dict().keys()
-    assert all(torch.equal(exported[k], v) for k, v in drafter.state_dict().items())
+    assert all(torch.equal(exported[k], v) for k, v in drafter.state_dict().items() if k != "fc.weight")
+    features = torch.randn(3, 64)  # the outputs of layers 5, 1, 3: the engines concatenate them in layer order
+    assert torch.allclose(exported["fc.weight"] @ features[[1, 2, 0]].flatten(), drafter.fc.weight @ features.flatten(),
+                          atol=1e-5)
     layers = config["transformer_layer_config"] if fmt == "vllm" else config
     assert (layers["model_type"], layers["num_hidden_layers"], layers["layer_types"]) == \
         ("qwen3", 2, ["full_attention"] * 2)
-    if fmt == "sglang":  # z-lab reads hidden_states[id + 1] in list order: draftsmith's layer outputs as they are
-        assert config["dflash_config"] == {"mask_token_id": 0, "target_layer_ids": [5, 1, 3]}
+    if fmt == "sglang":  # z-lab reads hidden_states[id + 1]: draftsmith's layer outputs, sorted
+        assert config["dflash_config"] == {"mask_token_id": 0, "target_layer_ids": [1, 3, 5]}
         assert (config["block_size"], config["num_target_layers"], config["architectures"]) == \
             (5, 8, ["DFlashDraftModel"])
     else:
-        assert config["aux_hidden_state_layer_ids"] == [6, 2, 4] and config["mask_token_id"] == 0
+        assert config["aux_hidden_state_layer_ids"] == [2, 4, 6] and config["mask_token_id"] == 0
         assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 4
         assert config["speculators_config"]["verifier"]["name_or_path"] == "someone/target"
-    assert report.rows and all(r.source == r.output for r in report.rows)
+    assert all(r.source == r.output for r in report.rows) and "reordered" in report.table()
 
 
 def test_dflash_export_refuses_layers_the_engines_do_not_run(tmp_path):

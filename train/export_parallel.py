@@ -3,8 +3,9 @@ follows).
 
 DFlash -> the reference layout (z-lab/dflash, read by SGLang's DFLASH: srt/models/dflash.py and
     srt/speculative/dflash_utils.py; by transformers with z-lab's remote code): fc, hidden_norm, layers.*, norm
-    under their own names, config.json a Qwen3 config with block_size and dflash_config {mask_token_id,
-    target_layer_ids (layer outputs, as draftsmith's)}. --format vllm writes speculators' "dflash" layout (what
+    under their own names (fc's column blocks in layer order, as for EAGLE-3: the ids are written sorted, which
+    list order and layer order then agree on), config.json a Qwen3 config with block_size and dflash_config
+    {mask_token_id, target_layer_ids (layer outputs, as draftsmith's)}. --format vllm writes speculators' "dflash" layout (what
     its converter makes of the reference one: speculators/convert/dflash/converter.py), whose
     aux_hidden_state_layer_ids are hidden_states indices (i + 1). Both engines run Qwen3 layers: a drafter trained
     with other layers is refused. Neither checkpoint holds the embedding or LM head: the engines take the target's.
@@ -50,8 +51,11 @@ def check_dflash(d: Drafter) -> None:
 
 def dflash_layout(d: Drafter, fmt: str, verifier: str | None) -> Layout:
     check_dflash(d)
-    tensors = {name: (name, t, "") for name, t in d.tensors.items()}
-    ids, L = d.feature_layers, d.target["num_hidden_layers"]
+    reordered = d.feature_layers != d.engine_layers
+    note = f"column blocks reordered from layers {d.feature_layers} to {d.engine_layers}" if reordered else ""
+    tensors = {name: (name, t, "") for name, t in {**d.tensors, "fc.weight": engine_fc(d)}.items()}
+    tensors["fc.weight"] = ("fc.weight", tensors["fc.weight"][1], note)
+    ids, L = d.engine_layers, d.target["num_hidden_layers"]
     if fmt == "sglang":
         config = {"architectures": ["DFlashDraftModel"], **qwen3_fields(d), "block_size": d.config["block_size"],
                   "num_target_layers": L,
