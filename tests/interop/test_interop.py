@@ -16,7 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, DynamicCache
 
-from drafters import EagleModel
+from drafters import DFlashModel, EagleModel
+from inference.dflash_proposer import DFlashProposer
+from inference.eagle_proposer import ParallelEagleProposer
 from target.model import target_forward
 from tiny_assets import tiny_tokenizer, VOCAB
 from train.eagle_objective import causal_mask
@@ -217,3 +219,143 @@ def test_eagle_reference_loads_eagle1_exports_matches_and_decodes_losslessly(eag
     greedy = plain_generate(target, ids[0, :8], new_tokens, set()).tokens
     generated = out["generated"].tolist()
     assert len(generated) >= new_tokens and generated[:new_tokens] == greedy, f"tau {meta['tau']}"
+
+
+# --- parallel drafters: DFlash and P-EAGLE ----------------------------------------------------------------------
+
+BLOCK = 4     # DFlash block: the root and 3 mask slots
+DEPTHS = 3    # P-EAGLE: the root's pair and 2 placeholders
+
+
+@pytest.fixture(scope="module")
+def dflash(target, tmp_path_factory):
+    """A DFlash drafter of 2 Qwen3 layers (the engines' layer) reading layers 1 and 4 (not the target's last, which
+    speculators reads apart), every weight perturbed, saved by draftsmith."""
+    torch.manual_seed(6)
+    drafter = perturbed(DFlashModel.from_target(target, num_layers=2, block_size=BLOCK, feature_layers=[1, 4],
+                                                layer_family="qwen3"))
+    folder = tmp_path_factory.mktemp("dflash") / "drafter"
+    drafter.save_pretrained(folder)
+    return drafter.eval(), folder
+
+
+@pytest.fixture(scope="module")
+def peagle(target, tmp_path_factory):
+    """A P-EAGLE drafter (3 depths per forward, half the vocabulary), every weight perturbed: mask_embedding and
+    mask_hidden too, so that a placeholder exported to the wrong row, block order or place changes the logits."""
+    torch.manual_seed(7)
+    drafter = perturbed(EagleModel.from_target(target, version=3, draft_vocab=list(range(0, VOCAB, 2)),
+                                               parallel_drafts=DEPTHS))
+    folder = tmp_path_factory.mktemp("peagle") / "drafter"
+    drafter.save_pretrained(folder)
+    return drafter.eval(), folder
+
+
+def prompt_and_root(target, feature_layers: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A verified prefix: ids [1, T], the target's features of it [1, T, F], and its greedy next token (the root)."""
+    ids = prompt_ids()
+    out = target_forward(target, ids, feature_layers=feature_layers)
+    return ids, out.features, int(out.logits[0, -1].argmax())
+
+
+def proposal_forward(proposer, ids: torch.Tensor, features: torch.Tensor, root: int) -> tuple[tuple, torch.Tensor]:
+    """The drafter forward of the proposer's first proposal after the prefix (captured by a hook): its positional
+    arguments and its output, exactly what decoding computes."""
+    calls = []
+    hook = proposer.drafter.register_forward_hook(lambda module, args, out: calls.append((args, out)))
+    try:
+        proposer.begin(ids[0], features[0])
+        proposer.propose(root)
+    finally:
+        hook.remove()
+    assert len(calls) == 1, f"one drafter forward per proposal, got {len(calls)}"
+    return calls[0]
+
+
+@torch.no_grad()
+def dflash_block(drafter: DFlashModel, target) -> dict[str, torch.Tensor | dict]:
+    """draftsmith's first block after the prompt, as DFlashProposer drafts it (context of positions 0..a-1, block
+    [root, mask, ...] at a..a+B-1): logits [B, V], positions [B], the logits of the same block one position later
+    [B, V], and the reference's inputs (context features [1, a, F], root [1])."""
+    ids, features, root = prompt_and_root(target, drafter.config.feature_layers)
+    chain = [(0,) * d for d in range(1, BLOCK)]
+    (tokens, positions, context), out = proposal_forward(DFlashProposer(drafter, chain), ids, features, root)
+    assert tokens[0].tolist() == [root] + [drafter.config.mask_token_id] * (BLOCK - 1)
+    return {"logits": drafter.logits(out[0]), "positions": positions[0],
+            "shifted": drafter.logits(drafter(tokens, positions + 1, context)[0]),
+            "inputs": {"features": features.contiguous(), "root": torch.tensor([root])}}
+
+
+def check_dflash_reference(block: dict, out_path: Path, label: str) -> None:
+    """The reference's block equals draftsmith's: the same positions (the root's first), the same logits; and the
+    comparison sees positions (the block one position later is off by far more than the tolerance)."""
+    assert json.loads(reference_meta(out_path)["keys"]) == {
+        "missing": ["embed_tokens.weight", "lm_head.weight", "verifier_lm_head.weight", "verifier_norm.weight"],
+        "unexpected": []}  # all four filled from the verifier
+    got = load_file(out_path)
+    assert got["positions"].tolist() == block["positions"].tolist(), "block positions differ"
+    delta = (got["logits"] - block["logits"]).abs().max().item()
+    off = (got["logits"] - block["shifted"]).abs().max().item()
+    print(f"speculators, DFlash {label}: block positions {got['positions'].tolist()}, max |delta logit| "
+          f"{delta:.1e} (block shifted by one position: {off:.1e})")
+    assert delta <= TOLERANCE, f"max |delta logit| {delta:.2e}"
+    assert off > 100 * TOLERANCE, "the block's logits do not depend on its positions: the check is blind"
+
+
+def test_speculators_loads_the_dflash_vllm_layout_and_matches(dflash, target, target_dir, tmp_path):
+    """speculators 0.9.0's DFlashDraftModel on the vllm export (embed_tokens and lm_head from the verifier the
+    export names): nothing missing but what the verifier fills, and one decoding block [root, mask, mask, mask]
+    after the prompt's context, run through its own anchored-block training forward, gives draftsmith's logits at
+    draftsmith's positions."""
+    drafter, folder = dflash
+    export(folder, "vllm", tmp_path / "export", verifier=str(target_dir))
+    block = dflash_block(drafter, target)
+    save_file(block["inputs"], tmp_path / "inputs.safetensors")
+    run_reference("speculators", "ref_dflash.py", tmp_path / "export", tmp_path / "inputs.safetensors",
+                  tmp_path / "out.safetensors")
+    check_dflash_reference(block, tmp_path / "out.safetensors", "vllm layout")
+
+
+def test_speculators_converts_the_dflash_reference_layout_and_matches(dflash, target, target_dir, tmp_path):
+    """The sglang export (z-lab's layout) is what speculators' own DFlashConverter expects: it converts and
+    validates against the target, maps the layers as draftsmith's vllm export does, and the converted model drafts
+    the same block as draftsmith."""
+    drafter, folder = dflash
+    export(folder, "sglang", tmp_path / "zlab")
+    block = dflash_block(drafter, target)
+    save_file(block["inputs"], tmp_path / "inputs.safetensors")
+    run_reference("speculators", "ref_dflash.py", tmp_path / "converted", tmp_path / "inputs.safetensors",
+                  tmp_path / "out.safetensors", tmp_path / "zlab", target_dir)
+    config = json.loads((tmp_path / "converted" / "config.json").read_text())
+    assert config["aux_hidden_state_layer_ids"] == [i + 1 for i in drafter.config.feature_layers]
+    assert (config["mask_token_id"], config["block_size"]) == (drafter.config.mask_token_id, BLOCK)
+    check_dflash_reference(block, tmp_path / "out.safetensors", "reference layout, converted")
+
+
+def test_speculators_loads_the_peagle_vllm_layout_and_matches(peagle, target, target_dir, tmp_path):
+    """speculators 0.9.0's PEagleDraftModel on the vllm export: nothing missing but the verifier's norm and LM
+    head (only its loss reads them), and ParallelEagleProposer's one forward after the prompt (the verified pairs,
+    the root's pair, 2 placeholders) gives the same logits at every depth as the reference's training forward on
+    those inputs. Its random COD sampling of (anchor, depth) elements is replaced by that one draw (ref_peagle.py):
+    every depth-0 pair and depths 1-2 at the root's pair."""
+    drafter, folder = peagle
+    export(folder, "vllm", tmp_path / "export", verifier=str(target_dir))
+    ids, features, root = prompt_and_root(target, drafter.config.feature_layers)
+    (tokens, *_), out = proposal_forward(ParallelEagleProposer(drafter, [(0,) * d for d in range(1, DEPTHS + 1)]),
+                                         ids, features, root)
+    n = ids.shape[1]                                                     # pairs: features 0..n-1, tokens 1..n
+    assert tokens[0, n - 1:].tolist() == [root] + [-1] * (DEPTHS - 1)
+    mask_token = json.loads((tmp_path / "export" / "config.json").read_text())["mask_token_id"]
+    assert mask_token not in tokens[0, :n].tolist(), "the engine reads mask_embedding wherever the mask token is"
+    expected = drafter.logits(out[0, n - 1:])                            # [DEPTHS, N]
+    save_file({"features": features.contiguous(), "tokens": tokens[:, :n].contiguous(),
+               "depths": torch.tensor([DEPTHS])}, tmp_path / "inputs.safetensors")
+    run_reference("speculators", "ref_peagle.py", tmp_path / "export", tmp_path / "inputs.safetensors",
+                  tmp_path / "out.safetensors")
+    keys = json.loads(reference_meta(tmp_path / "out.safetensors")["keys"])
+    assert keys == {"missing": ["verifier_lm_head.weight", "verifier_norm.weight"], "unexpected": []}
+    got = load_file(tmp_path / "out.safetensors")["logits"]
+    assert got.shape == expected.shape
+    deltas = [(got[k] - expected[k]).abs().max().item() for k in range(DEPTHS)]
+    print(f"speculators, P-EAGLE vllm layout: max |delta logit| per depth {deltas}")
+    assert max(deltas) <= TOLERANCE, f"max |delta logit| per depth: {deltas}"
