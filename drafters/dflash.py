@@ -61,6 +61,17 @@ class DFlashConfig(PretrainedConfig):
         return self.block_size - 1
 
 
+@torch.no_grad()
+def copy_gain(source: nn.Module, norm: nn.Module) -> None:
+    """Give `norm` the per-channel gain of the RMSNorm `source`, whichever convention each uses (Llama's x * w,
+    Gemma's x * (1 + w)): an RMSNorm maps the all-ones vector (RMS 1) to its gain."""
+    ones = torch.ones(1, norm.weight.numel(), dtype=norm.weight.dtype, device=norm.weight.device)
+    gain = source(ones.to(next(source.parameters()).dtype)).to(norm.weight.dtype)[0]
+    norm.weight.zero_()
+    offset = norm(ones)[0]                                   # 0 for x * w, 1 for x * (1 + w)
+    norm.weight.copy_(gain - offset)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x [B, h, T, D] with cos, sin [B, T, D] (the halves convention of Llama and Qwen)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -124,6 +135,9 @@ class DFlashModel(PreTrainedModel):
         model = cls(config)
         if getattr(target.get_output_embeddings(), "bias", None) is not None:
             raise ValueError("the target's LM head has a bias; DFlash drafters support bias-free LM heads only")
+        target_norm = getattr(target.get_decoder(), "norm", None)
+        if target_norm is not None:  # the output feeds the target's LM head, as the target's own final state does
+            copy_gain(target_norm, model.norm)
         model.attach_target(target)
         return model.to(device=target.get_output_embeddings().weight.device)
 

@@ -239,3 +239,15 @@ def test_auto_trees_come_from_the_recorded_accuracy_and_dynamic_is_refused(kind)
     assert [row["nodes"] for row in setup["calibration"]["candidates"]] == [2, 3, 4]
     with pytest.raises(ValueError, match="--tree dynamic.*one forward: use --tree auto, chain or JSON rank paths"):
         make_proposer(drafter, target, tree="dynamic")
+
+
+@pytest.mark.parametrize("layers", [None, "qwen3"])
+def test_dflash_starts_with_the_targets_final_norm(layers):
+    """The drafter's output goes through the target's LM head, so its `norm` starts as the target's final norm,
+    converting between Gemma's x * (1 + w) and Llama's x * w where the drafter's layers are of another family."""
+    target = make_tiny_target("gemma2")
+    with torch.no_grad():
+        target.get_decoder().norm.weight.normal_()
+    drafter = DFlashModel.from_target(target, layer_family=layers)
+    x = torch.randn(5, 64)
+    assert torch.allclose(drafter.norm(x), target.get_decoder().norm(x), atol=1e-4)
