@@ -77,7 +77,8 @@ class RankPaths:
             raise ValueError(f"a {what} tree needs at least one non-root node")
         too_deep = [p for p in paths if len(p) > max_depth]
         if too_deep:
-            raise ValueError(f"tree paths {too_deep[:3]} are deeper than the {max_depth} depths {what} drafts")
+            raise ValueError(f"tree paths {too_deep[:3]} are deeper than the {max_depth} depths {what} drafts: give "
+                             f"rank paths of at most {max_depth} ranks")
         self.paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))  # parents before children
         orphans = orphan_paths(self.paths)
         if orphans:

@@ -123,3 +123,10 @@ def test_a_malformed_tree_is_refused_before_any_model_loads(command, tree, tmp_p
     assert stop.value.code == 2 and len(lines) == 1, lines
     assert "tree='[[0], [1, 0, 0]]' has the path [1, 0, 0] without its parent [1, 0]: add the parent path" in lines[0]
 
+
+def test_a_tree_deeper_than_the_drafter_drafts_is_one_line(saved, capsys):
+    """How deep the drafter drafts (3 Medusa heads) is known once it is loaded: one line then."""
+    err = evaluate_error(["--target", saved["target"], "--drafter", str(saved["drafter"]), "--questions",
+                          saved["questions"], "--tree", "[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]"], capsys)
+    assert err == "error: tree paths [(0, 0, 0, 0)] are deeper than the 3 depths Medusa drafts: give rank paths of " \
+                  "at most 3 ranks"
