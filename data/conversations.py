@@ -365,18 +365,23 @@ class _ArrayWalker:
         return _BadElement(reason, byte, line, detail)
 
     def _element_end(self) -> int | None:
-        """Index of the `,` or `]` that ends the element at self.pos; None when the buffer ends first."""
-        depth = 0
+        """Index of the `,` or `]` that ends the element at self.pos; None when the buffer ends first.
+        A closer of the wrong kind closes everything opened after the opener it matches (`{"b": [}` ends at its
+        `}`: the `[` lost its `]`); one that matches no open bracket is passed over. Counting any closer as the
+        innermost one's instead left `{"b": [}` open, and the walk ran to the end of the file, losing the rest."""
+        open_brackets: list[str] = []
         for token in self._TOKEN.finditer(self.buf, self.pos):
             kind = token.group()[0]
             if kind == '"':
                 if token.group(1) is None and token.end() >= len(self.buf) - 1:
                     return None  # a string open at the buffer's end may close in the next chunk
             elif kind in "[{":
-                depth += 1
-            elif depth and kind in "]}":
-                depth -= 1
-            elif not depth and kind in ",]":  # (a stray `}` at depth 0 is passed over)
+                open_brackets.append(kind)
+            elif open_brackets and kind in "]}":
+                opener = "[" if kind == "]" else "{"
+                if opener in open_brackets:
+                    del open_brackets[len(open_brackets) - 1 - open_brackets[::-1].index(opener):]
+            elif not open_brackets and kind in ",]":  # (a stray `}` outside the element's brackets is passed over)
                 return token.start()
         return None
 
