@@ -284,7 +284,8 @@ class _ArrayWalker:
     # What decides where an element ends: strings (to their closing quote, or to a newline, which no JSON string
     # holds: a string with a lost quote ends there rather than swallowing the file), brackets and commas.
     _TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*(")?|[\[\]{},]')
-    _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as 'surrogateescape' decodes them
+    _NOT_UTF8 = re.compile("[\udc80-\udcff]")
+    _NOT_BLANK = re.compile(r"\S")  # bytes that are not UTF-8, as 'surrogateescape' decodes them
 
     def __init__(self, path: str):
         self.path = path
@@ -296,6 +297,7 @@ class _ArrayWalker:
         self.mark = (0, 0, 0)  # (index in buf, bytes, newlines before it): where location() counts on from
         self.stop_error: json.JSONDecodeError | None = None
         self.closed = False  # saw the closing `]`
+        self.after_close: tuple[int, int] | None = None  # (byte, line) of text after that `]`: None if only blanks
 
     def _refill(self, f) -> None:
         """Drop the consumed part of the buffer and append the next chunk (keeps memory at ~one chunk)."""
@@ -327,6 +329,8 @@ class _ArrayWalker:
                 self.pos = self._SEPARATOR.match(self.buf, self.pos).end()
                 if self.buf.startswith("]", self.pos):
                     self.closed = True
+                    self.pos += 1
+                    self.after_close = self._text_after(f)
                     return
                 try:
                     element = self._next_element()
@@ -337,6 +341,18 @@ class _ArrayWalker:
                     self._refill(f)  # the element may continue in the next chunk
                     continue
                 yield element
+
+    def _text_after(self, f) -> tuple[int, int] | None:
+        """(byte, line) of the first non-blank text from self.pos on, reading to the end (None: there is none).
+        A stray `]` closes the array early, and every record after it would be lost without a word."""
+        while True:
+            text = self._NOT_BLANK.search(self.buf, self.pos)
+            if text:
+                return self.location(text.start())
+            if self.eof:
+                return None
+            self.pos = len(self.buf)
+            self._refill(f)
 
     def _next_element(self) -> Any:
         """The element at self.pos, or a _BadElement; moves self.pos past it. _NeedMore: the buffer ends inside it."""
@@ -365,18 +381,23 @@ class _ArrayWalker:
         return _BadElement(reason, byte, line, detail)
 
     def _element_end(self) -> int | None:
-        """Index of the `,` or `]` that ends the element at self.pos; None when the buffer ends first."""
-        depth = 0
+        """Index of the `,` or `]` that ends the element at self.pos; None when the buffer ends first.
+        A closer of the wrong kind closes everything opened after the opener it matches (`{"b": [}` ends at its
+        `}`: the `[` lost its `]`); one that matches no open bracket is passed over. Counting any closer as the
+        innermost one's instead left `{"b": [}` open, and the walk ran to the end of the file, losing the rest."""
+        open_brackets: list[str] = []
         for token in self._TOKEN.finditer(self.buf, self.pos):
             kind = token.group()[0]
             if kind == '"':
                 if token.group(1) is None and token.end() >= len(self.buf) - 1:
                     return None  # a string open at the buffer's end may close in the next chunk
             elif kind in "[{":
-                depth += 1
-            elif depth and kind in "]}":
-                depth -= 1
-            elif not depth and kind in ",]":  # (a stray `}` at depth 0 is passed over)
+                open_brackets.append(kind)
+            elif open_brackets and kind in "]}":
+                opener = "[" if kind == "]" else "{"
+                if opener in open_brackets:
+                    del open_brackets[len(open_brackets) - 1 - open_brackets[::-1].index(opener):]
+            elif not open_brackets and kind in ",]":  # (a stray `}` outside the element's brackets is passed over)
                 return token.start()
         return None
 
@@ -388,7 +409,7 @@ def _utf8_len(text: str) -> int:
 
 def _iter_json_array(path: str, report: LoadReport) -> Iterator[tuple[Any, str]]:
     """Elements of a JSON array file. An element that cannot be read is a counted skip naming its index, line and
-    byte; a truncated array yields its complete elements and says so in a note."""
+    byte; a truncated array yields its complete elements and says so in a note, as does text after the closing `]`."""
     walker, name, recovered = _ArrayWalker(path), os.path.basename(path), 0
     for index, element in enumerate(walker):
         if isinstance(element, _BadElement):
@@ -399,6 +420,12 @@ def _iter_json_array(path: str, report: LoadReport) -> Iterator[tuple[Any, str]]
         recovered += 1
         yield element, f"{name}[{index}]"
     if walker.closed:
+        if walker.after_close is not None:
+            byte, line = walker.after_close
+            report.notes.append(
+                f"{path}: text follows the JSON array's closing `]` from byte {byte:,} (line {line:,}) of "
+                f"{os.path.getsize(path):,} bytes and was not read; if records follow, remove the `]` that closed "
+                "the array early")
         return
     stop_byte, stop_line = walker.location()
     what = "truncated JSON array" if _looks_truncated(walker) else "malformed JSON array"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .eval_config import PROPOSER_FIELDS, ConfigError, EvalConfig
+from .eval_config import PROPOSER_FIELDS, ConfigError, EvalConfig, check_tree
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
 RESERVED = ("plain", "hf-lookup", "hf-assisted")  # the baselines' method names
@@ -78,9 +78,12 @@ def _option(spec: str, item: str) -> tuple[str, Any]:
                          f"{', '.join(PER_DRAFTER)} (the other options are the whole run's flags)")
     field = {f.name: f for f in dataclasses.fields(EvalConfig)}[key]
     try:
-        return key, _typed(value, field.type)
+        typed = _typed(value, field.type)
     except ValueError:
         raise ValueError(f"--drafters {spec}: {key}={value!r} is not a {field.type}") from None
+    if key == "tree":  # checked now, as --tree is: the other options' rules involve the run's flags too
+        check_tree(typed, f"--drafters {spec}: tree")
+    return key, typed
 
 
 def _typed(value: str, annotation: str) -> Any:

@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from drafters.eagle import EagleModel
 from drafters.vocab import draft_head_rows
 
-from .tree import RankPaths, TokenTree, additive_mask
+from .tree import RankPaths, TokenTree, additive_mask, orphan_paths
 
 
 @dataclass
@@ -63,8 +63,7 @@ class EagleProposer:
         if tree == "static":
             if not paths:
                 raise ValueError("a static tree needs rank paths, e.g. [(0,), (1,), (0, 0)]")
-            known = {()} | {tuple(p) for p in paths}
-            orphans = [p for p in paths if tuple(p[:-1]) not in known]
+            orphans = orphan_paths(paths)
             if orphans:
                 raise ValueError(f"tree paths {orphans[:3]} have no parent path in the tree")
             depth = max(len(p) for p in paths)

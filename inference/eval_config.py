@@ -6,9 +6,12 @@ __post_init__, the kind-dependent ones in check_kind(), both before any model lo
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from .tree import orphan_paths
 
 ALL_KINDS = None  # an option every drafter kind takes
 DRAFT_LM, EAGLE, HEADS = ("draft_lm",), ("eagle",), ("medusa", "eagle", "dflash")
@@ -101,8 +104,7 @@ class EvalConfig:
         check(self.prompt_lookup_tokens >= 1, "eval.prompt_lookup_tokens", self.prompt_lookup_tokens, "must be >= 1")
         check(self.draft_dtype in (None, "float32", "bfloat16", "float16"), "eval.draft_dtype", self.draft_dtype,
               "must be one of float32, bfloat16, float16 or null (the target's dtype)")
-        check(self.tree in ("auto", "chain", "dynamic") or _rank_paths(self.tree), "eval.tree", self.tree,
-              "must be auto, chain, dynamic or a JSON list of rank paths such as [[0], [0, 0], [1]]")
+        check_tree(self.tree, "eval.tree")
 
     def check_kind(self, kind: str) -> None:
         """Refuse options set away from their defaults that `kind` does not use (one line naming the kinds that do)."""
@@ -134,12 +136,30 @@ PROPOSER_FIELDS = ("tree", "min_speedup", "max_tree_nodes", "tree_depth", "tree_
                    "sibling_depth", "draft_confidence", "full_draft_vocab", "prompt_lookup", "prompt_lookup_tokens")
 
 
-def _rank_paths(tree: str) -> bool:
-    import json
+TREE_NAMES = ("auto", "chain", "dynamic")
 
+
+def check_tree(tree: str, key: str) -> None:
+    """Refuse a tree that is neither a name nor JSON rank paths a static tree can be built from. Whether its paths
+    are deeper than the drafter drafts is known only once the drafter is loaded (inference.tree.RankPaths)."""
+    if tree not in TREE_NAMES:
+        problem = _rank_paths_problem(tree)
+        check(problem is None, key, tree, problem)
+
+
+def _rank_paths_problem(tree: str) -> str | None:
+    """What is wrong with `tree` as a JSON list of rank paths (None: nothing)."""
     try:
         paths = json.loads(tree)
-    except ValueError:
-        return False
-    return isinstance(paths, list) and bool(paths) and all(
-        isinstance(p, list) and p and all(isinstance(i, int) and i >= 0 for i in p) for p in paths)
+    except (TypeError, ValueError, RecursionError):  # not text (a YAML list), not JSON, nested past the parser
+        paths = None
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, list) and p for p in paths):
+        return "must be auto, chain, dynamic or a JSON list of rank paths such as [[0], [0, 0], [1]]"
+    bad = next((p for p in paths if not all(type(r) is int and r >= 0 for r in p)), None)  # (a bool is an int)
+    if bad is not None:
+        return f"has the path {bad}: a path lists ranks, integers >= 0 (0: the top candidate at that depth)"
+    orphans = orphan_paths(paths)
+    if orphans:
+        path = list(orphans[0])
+        return f"has the path {path} without its parent {path[:-1]}: add the parent path or leave that path out"
+    return None

@@ -61,6 +61,13 @@ class TokenTree:
         return path[::-1]
 
 
+def orphan_paths(paths) -> list[tuple[int, ...]]:
+    """The rank paths whose parent (the path less its last rank) is neither the root nor among `paths`, shortest
+    first: a static tree cannot place them."""
+    present = {tuple(p) for p in paths}
+    return sorted((p for p in present if len(p) > 1 and p[:-1] not in present), key=lambda p: (len(p), p))
+
+
 class RankPaths:
     """A static tree of rank paths for drafters that score every depth at once (Medusa heads, P-EAGLE and DFlash
     positions): node (r_1, ..., r_d) carries the rank-r_d candidate of depth d; a chain is [(0,), (0, 0), ...]."""
@@ -70,12 +77,13 @@ class RankPaths:
             raise ValueError(f"a {what} tree needs at least one non-root node")
         too_deep = [p for p in paths if len(p) > max_depth]
         if too_deep:
-            raise ValueError(f"tree paths {too_deep[:3]} are deeper than the {max_depth} depths {what} drafts")
+            raise ValueError(f"tree paths {too_deep[:3]} are deeper than the {max_depth} depths {what} drafts: give "
+                             f"rank paths of at most {max_depth} ranks")
         self.paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))  # parents before children
-        index = {(): 0} | {path: i for i, path in enumerate(self.paths, start=1)}
-        orphans = [p for p in self.paths if p[:-1] not in index]
+        orphans = orphan_paths(self.paths)
         if orphans:
             raise ValueError(f"tree paths {orphans[:3]} have no parent path in the tree")
+        index = {(): 0} | {path: i for i, path in enumerate(self.paths, start=1)}
         self.parents = [-1] + [index[p[:-1]] for p in self.paths]
         self.depth = max(len(p) for p in self.paths)
         self.topk = [1 + max(p[d] for p in self.paths if len(p) > d) for d in range(self.depth)]

@@ -100,6 +100,46 @@ def test_json_array_every_kind_of_bad_element_is_skipped_and_named(tmp_path, mon
     assert (garbage_line, quote_line, latin1_line) == (15, 34, 60)
 
 
+MISMATCHED = {  # elements whose brackets do not pair up -> where their parse fails, and why
+    "B1": ('{"id": "b1", "messages": [}', "[}", "Expecting value"),                     # `]` lost
+    "B3": ('[{"from": "human", "value": "hi"]', '"hi"]', "Expecting ',' delimiter"),    # `}` lost
+    "B5": ('{"id": "b5", "messages": ]}', ": ]", "Expecting value"),                      # `[` lost
+}
+
+
+@pytest.mark.parametrize("chunk_chars", [conversations._READ_CHUNK_CHARS, 7])
+def test_json_array_elements_with_mismatched_brackets_cost_only_themselves(tmp_path, monkeypatch, chunk_chars):
+    monkeypatch.setattr(conversations, "_READ_CHUNK_CHARS", chunk_chars)
+    text = array_text([good(0), "B1", good(2), "B3", good(4), "B5", good(6)])
+    for name, (element, _, _) in MISMATCHED.items():
+        text = text.replace(f'"{name}"', element)
+    data = text.encode()
+    (tmp_path / "brackets.json").write_bytes(data)
+    convs, report = load_conversations(str(tmp_path / "brackets.json"))
+    assert [c.id for c in convs] == ["s0", "s2", "s4", "s6"]
+    assert (report.records, report.kept, report.skipped, report.notes) == (7, 4, {"malformed JSON": 3}, [])
+    where = {name: at(data, needle.encode()) for name, (_, needle, _) in MISMATCHED.items()}
+    assert report.examples["malformed JSON"] == [
+        f"brackets.json[{i}] at line {where[name][0]}, byte {where[name][1] + len(needle) - 1:,} ({why})"
+        for i, (name, (_, needle, why)) in zip((1, 3, 5), MISMATCHED.items())]  # at the closer that does not fit
+
+
+@pytest.mark.parametrize("chunk_chars", [conversations._READ_CHUNK_CHARS, 7])
+def test_json_array_closed_early_says_what_was_not_read(tmp_path, monkeypatch, chunk_chars):
+    monkeypatch.setattr(conversations, "_READ_CHUNK_CHARS", chunk_chars)
+    text = array_text([good(0), good(1), good(2)])
+    data = text.replace('\n  },\n  {\n    "id": "o1"', '\n  }],\n  {\n    "id": "o1"', 1).encode()  # a stray `]`
+    (tmp_path / "early.json").write_bytes(data + b"\n")
+    convs, report = load_conversations(str(tmp_path / "early.json"))
+    assert [c.id for c in convs] == ["s0"] and report.skipped == {}
+    line, byte = at(data, b'],\n')
+    assert report.notes == [f"{tmp_path / 'early.json'}: text follows the JSON array's closing `]` from byte "
+                            f"{byte + 1:,} (line {line}) of {len(data) + 1:,} bytes and was not read; if records "
+                            "follow, remove the `]` that closed the array early"]
+    (tmp_path / "fine.json").write_bytes(text.encode() + b"\n\n  \n")  # blanks after the `]` are no matter
+    assert load_conversations(str(tmp_path / "fine.json"))[1].notes == []
+
+
 def test_json_array_deeply_nested_element_is_skipped(tmp_path):
     data = array_text([good(0), "DEEP", good(2)]).replace('"DEEP"', DEEP).encode()
     (tmp_path / "deep.json").write_bytes(data)

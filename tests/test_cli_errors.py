@@ -98,3 +98,35 @@ def test_a_damaged_drafter_folder_is_one_line(saved, tmp_path, capsys):
     err = evaluate_error(["--target", saved["target"], "--drafter", str(damaged), "--questions",
                           saved["questions"]], capsys)
     assert err.startswith(f"error: drafter {damaged} cannot be read (") and "save it again" in err
+
+
+ORPHAN = "[[0], [1, 0, 0]]"  # [1, 0] and [1] are missing: no static tree can place [1, 0, 0]
+
+
+@pytest.mark.parametrize("command, tree", [
+    ("inference.evaluate", ["--drafter", "{tmp}/no-drafter", "--tree", ORPHAN]),
+    ("inference.benchmark", ["--drafters", "{tmp}/no-drafter", "--tree", ORPHAN, "--output", "{tmp}/bench"]),
+    ("inference.benchmark", ["--drafters", f"{{tmp}}/no-drafter@tree={ORPHAN}", "--output", "{tmp}/bench"]),
+], ids=["evaluate", "benchmark", "benchmark-per-drafter"])
+def test_a_malformed_tree_is_refused_before_any_model_loads(command, tree, tmp_path, capsys):
+    """Neither target nor drafter exists: had either been loaded first, its error would come instead."""
+    import importlib
+
+    from tiny_assets import write_questions
+
+    main = importlib.import_module(command).main
+    argv = ["--target", str(tmp_path / "no-target"), "--questions", write_questions(tmp_path / "q.jsonl"),
+            *(a.format(tmp=tmp_path) for a in tree)]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 2 and len(lines) == 1, lines
+    assert "tree='[[0], [1, 0, 0]]' has the path [1, 0, 0] without its parent [1, 0]: add the parent path" in lines[0]
+
+
+def test_a_tree_deeper_than_the_drafter_drafts_is_one_line(saved, capsys):
+    """How deep the drafter drafts (3 Medusa heads) is known once it is loaded: one line then."""
+    err = evaluate_error(["--target", saved["target"], "--drafter", str(saved["drafter"]), "--questions",
+                          saved["questions"], "--tree", "[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]"], capsys)
+    assert err == "error: tree paths [(0, 0, 0, 0)] are deeper than the 3 depths Medusa drafts: give rank paths of " \
+                  "at most 3 ranks"

@@ -26,6 +26,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
     (dict(prompt_lookup=1), r"eval\.prompt_lookup=1 is the longest n-gram matched: >= 2, or 0"),
     (dict(prompt_lookup_tokens=0), r"eval\.prompt_lookup_tokens=0 must be >= 1"),
     (dict(tree="[[0], [x]]"), r"eval\.tree='\[\[0\], \[x\]\]' must be auto, chain, dynamic or a JSON list"),
+    (dict(tree="[[0], []]"), r"eval\.tree='\[\[0\], \[\]\]' must be auto, chain, dynamic or a JSON list"),
+    (dict(tree="[[0], [0, -1]]"), r"eval\.tree='\[\[0\], \[0, -1\]\]' has the path \[0, -1\]: a path lists ranks, "
+                                  r"integers >= 0"),
+    (dict(tree="[[true]]"), r"eval\.tree='\[\[true\]\]' has the path \[True\]: a path lists ranks"),
+    (dict(tree="[[0], [1, 0, 0]]"), r"eval\.tree='\[\[0\], \[1, 0, 0\]\]' has the path \[1, 0, 0\] without its "
+                                    r"parent \[1, 0\]: add the parent path or leave that path out"),
     (dict(limit=0), r"eval\.limit=0 must be >= 1 or null"),
 ])
 def test_bad_options_are_refused(options, message):

@@ -107,6 +107,133 @@ def test_kill_then_rerun_gives_the_uninterrupted_weights(assets, tmp_path, unint
     assert [p.name for p in trainer.complete_checkpoints(str(out))] == ["step_00000002", "step_00000004"]
 
 
+# --- kills of the data commands: regeneration and feature dumps --------------------------------------------------
+
+
+def command_child(module: str, argv: list[str], kill_when: str) -> subprocess.Popen:
+    """Run `python -m <module> argv` in a child (as run_main runs it); `kill_when` patches the module first so that the
+    child SIGKILLs itself at a chosen moment. One thread, as in this process: the two runs' numbers must agree."""
+    return child(f"""
+        import os, signal
+        from cli.errors import run_main
+        import {module} as command
+        def die():
+            os.kill(os.getpid(), signal.SIGKILL)
+        {textwrap.indent(textwrap.dedent(kill_when), ' ' * 8).strip()}
+        run_main(command.main, {argv!r})
+        """, env={"OMP_NUM_THREADS": "1"})
+
+
+def regen_argv(assets, out: Path) -> list[str]:
+    """12 conversations in batches of 3, sampled (so every (record, turn) seed matters), 4 new tokens a turn."""
+    return ["--target", assets["target"], "--input", assets["data.train"], "--output", str(out), "--limit", "12",
+            "--batch-size", "3", "--max-new-tokens", "4", "--temperature", "1", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def regenerated(assets, tmp_path_factory):
+    """The reference: the uninterrupted file's bytes."""
+    from data import regenerate
+
+    out = tmp_path_factory.mktemp("regen") / "full.jsonl"
+    regenerate.main(regen_argv(assets, out))
+    return out.read_bytes()
+
+
+REGEN_KILLS = {
+    # two batches are on disk; the third is being generated
+    "between-batches": """
+        answer, calls = command.regenerate_conversations, []
+        command.regenerate_conversations = lambda *a: die() if calls.append(1) or len(calls) == 3 else answer(*a)
+        """,
+    # the third batch's lines are being written: half of their bytes reached the file
+    "mid-write": """
+        append, calls = command._append, []
+        class Cut:
+            def __init__(self, f):
+                self.f = f
+            def write(self, data):
+                self.f.write(data[:len(data) // 2])
+                self.f.flush()
+                die()
+        command._append = lambda f, records: append(Cut(f) if calls.append(1) or len(calls) == 3 else f, records)
+        """,
+}
+
+
+@pytest.mark.parametrize("when", REGEN_KILLS)
+def test_a_killed_regeneration_reruns_to_the_uninterrupted_file(assets, tmp_path, regenerated, when, capsys):
+    from data import regenerate
+
+    out = tmp_path / "out.jsonl"
+    code, _, err = finish(command_child("data.regenerate", regen_argv(assets, out), REGEN_KILLS[when]))
+    assert code == -signal.SIGKILL, err[-2000:]
+    killed = out.read_bytes()
+    complete = killed[:killed.rfind(b"\n") + 1]
+    lines = complete.count(b"\n")  # two whole batches, and a line of the third when its write was cut after it
+    assert (lines, killed != complete) == ((7, True) if when == "mid-write" else (6, False))
+    assert regenerated.startswith(complete)
+    capsys.readouterr()
+    regenerate.main(regen_argv(assets, out))
+    assert f"wrote {12 - lines} records ({lines} already done)" in capsys.readouterr().out  # kept lines not redone
+    assert out.read_bytes() == regenerated
+
+
+def features_argv(assets, out: Path, tmp_path: Path) -> list[str]:
+    """The tiny EAGLE-3 config's features of 48 conversations, 8 to a shard: 6 shards."""
+    return ["--config", str(REPO / "configs" / "eagle3_tiny.yaml"), "--output", str(out), "--shard-size", "8",
+            "--dtype", "float32", *tiny_overrides(assets, tmp_path / "unused")]
+
+
+@pytest.fixture(scope="module")
+def dumped(assets, tmp_path_factory):
+    """The reference: every file of an uninterrupted dump, name -> bytes."""
+    from train import features
+
+    root = tmp_path_factory.mktemp("features")
+    features.main(features_argv(assets, root / "full", root))
+    return {p.name: p.read_bytes() for p in (root / "full").iterdir()}
+
+
+FEATURE_KILLS = {
+    # two shards are on disk; the third is being computed (8 target forwards a shard)
+    "between-shards": """
+        from data import features
+        forward, calls = features.target_forward, []
+        features.target_forward = lambda *a, **k: die() if calls.append(1) or len(calls) == 17 else forward(*a, **k)
+        """,
+    # the third shard's temporary file holds half of its bytes
+    "mid-shard-write": """
+        from data import features
+        save, calls = features.save_file, []
+        def cut(tensors, path):
+            save(tensors, path)
+            if calls.append(1) or len(calls) == 3:
+                os.truncate(path, os.path.getsize(path) // 2)
+                die()
+        features.save_file = cut
+        """,
+}
+
+
+@pytest.mark.parametrize("when", FEATURE_KILLS)
+def test_a_killed_feature_dump_reruns_to_the_uninterrupted_cache(assets, tmp_path, dumped, when, capsys):
+    from train import features
+
+    out = tmp_path / "cache"
+    argv = features_argv(assets, out, tmp_path)
+    code, _, err = finish(command_child("train.features", argv, FEATURE_KILLS[when]))
+    assert code == -signal.SIGKILL, err[-2000:]
+    survived = {p.name: p.stat().st_ino for p in out.glob("shard_*.safetensors")}
+    assert sorted(survived) == ["shard_00000.safetensors", "shard_00001.safetensors"]
+    assert bool(list(out.glob(".shard_*.tmp"))) == (when == "mid-shard-write")
+    capsys.readouterr()
+    features.main(argv)
+    assert "(4 shards written now)" in capsys.readouterr().out
+    assert {p.name: p.stat().st_ino for p in out.glob("shard_*.safetensors") if p.name in survived} == survived
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == dumped  # no temporary file left either
+
+
 # --- DeepSpeed's build lock ------------------------------------------------------------------------------------
 
 
