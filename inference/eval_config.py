@@ -15,6 +15,7 @@ from .tree import orphan_paths
 
 ALL_KINDS = None  # an option every drafter kind takes
 DRAFT_LM, EAGLE, HEADS = ("draft_lm",), ("eagle",), ("medusa", "eagle", "dflash")
+FEATURE_DRAFTERS = ("eagle", "dflash")
 
 
 class ConfigError(ValueError):
@@ -51,8 +52,8 @@ class EvalConfig:
     min_speedup: float = option(1.05, "auto (and draft LMs): decode plainly unless the best tree (chain) is predicted "
                                 "at least this many times faster than plain decoding (the cost model's margin)")
     max_tree_nodes: int = option(64, "auto: the largest tree tried; EAGLE dynamic trees: the nodes verified", HEADS)
-    tree_depth: int = option(5, "EAGLE: draft steps per proposal (dynamic tree / static tree limit / chain length)",
-                             EAGLE)
+    tree_depth: int = option(5, "EAGLE: draft steps per proposal (dynamic tree / static tree limit / chain length); "
+                             "P-EAGLE, DFlash: chain length (at most their depths)", FEATURE_DRAFTERS)
     tree_topk: int = option(4, "EAGLE dynamic trees: nodes expanded per depth, and children per node", EAGLE)
     draft_k: int = option(4, "draft LMs: tokens drafted per step (the start value when adaptive)", DRAFT_LM)
     adaptive_k: bool = option(True, "draft LMs: keep k fixed (default: adaptive k)", DRAFT_LM, flag="--fixed-k",

@@ -71,7 +71,7 @@ def eagle_proposer(drafter: EagleModel, target: PreTrainedModel, tree: str, max_
     setup = {"tree": tree, "depth": depth, "topk": topk}
     if drafter.config.parallel_drafts:
         return parallel_proposer(drafter, drafter.config.parallel_drafts, target, tree, max_nodes, min_speedup,
-                                 lambda paths: ParallelEagleProposer(drafter, paths), "a P-EAGLE drafter")
+                                 lambda paths: ParallelEagleProposer(drafter, paths), "a P-EAGLE drafter", depth)
     if tree == "dynamic":
         proposer = EagleProposer(drafter, "dynamic", depth=depth, topk=topk, nodes=max_nodes, draft_vocab=draft_vocab)
         return proposer, {**setup, "nodes": max_nodes}
@@ -84,12 +84,15 @@ def eagle_proposer(drafter: EagleModel, target: PreTrainedModel, tree: str, max_
 
 
 def parallel_proposer(drafter, depth: int, target: PreTrainedModel, tree: str, max_nodes: int, min_speedup: float,
-                      make, what: str):
+                      make, what: str, chain_depth: int):
     """Drafters that score all `depth` depths in one forward (P-EAGLE, DFlash): static trees of rank paths over
-    them ('auto': calibrated like Medusa's from the held-out accuracy per depth and rank; 'chain': every depth)."""
+    them ('auto': calibrated like Medusa's from the held-out accuracy per depth and rank; 'chain': the first
+    min(chain_depth, depth), so that --tree-depth sets the chain of every EAGLE-style kind alike)."""
     if tree == "dynamic":
         raise ValueError(f"--tree dynamic grows a tree one drafter forward per depth; {what} drafts all {depth} "
                          "depths in one forward: use --tree auto, chain or JSON rank paths")
+    if tree == "chain":
+        depth = min(depth, chain_depth)
     if tree != "auto":
         return make(fixed_paths(tree, depth)), {"tree": tree, "depth": depth}
     proposer, calibrated = calibrated_tree(eagle_accuracy(drafter)[:depth], target, make,
@@ -156,7 +159,7 @@ def _draft_lm_setup(drafter, target, vocab, o: dict, temperature, generator):
 def _dflash_setup(drafter, target, vocab, o: dict, temperature, generator):
     make = lambda paths: DFlashProposer(drafter, paths, vocab)  # noqa: E731
     proposer, setup = parallel_proposer(drafter, drafter.config.depths, target, o["tree"], o["max_tree_nodes"],
-                                        o["min_speedup"], make, "a DFlash drafter")
+                                        o["min_speedup"], make, "a DFlash drafter", o["tree_depth"])
     return proposer, {**setup, **tree_record(proposer), "block_size": drafter.config.block_size,
                       "draft_vocab": len(vocab) if vocab else "full"}
 

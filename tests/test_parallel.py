@@ -241,6 +241,20 @@ def test_auto_trees_come_from_the_recorded_accuracy_and_dynamic_is_refused(kind)
         make_proposer(drafter, target, tree="dynamic")
 
 
+@pytest.mark.parametrize("kind", ["peagle", "dflash"])
+def test_a_parallel_chain_is_as_long_as_tree_depth_allows(kind):
+    """--tree chain drafts min(--tree-depth, the drafter's depths) tokens, as an EAGLE chain does, so that the
+    held-out τ of every kind is measured on chains of training.acceptance_depth."""
+    from inference.proposer_setup import make_proposer
+
+    target = make_tiny_target()
+    drafter = (EagleModel.from_target(target, version=3, parallel_drafts=3) if kind == "peagle"
+               else DFlashModel.from_target(target, block_size=4)).eval()
+    for depth, paths in [(2, CHAIN[:2]), (5, CHAIN)]:
+        proposer, setup = make_proposer(drafter, target, tree="chain", tree_depth=depth)
+        assert proposer.paths == paths and setup["depth"] == len(paths)
+
+
 @pytest.mark.parametrize("layers", [None, "qwen3"])
 def test_dflash_starts_with_the_targets_final_norm(layers):
     """The drafter's output goes through the target's LM head, so its `norm` starts as the target's final norm,
