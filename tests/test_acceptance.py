@@ -126,7 +126,7 @@ def test_greedy_path_follows_the_children_that_carry_the_answer():
 
 def _drafters(target):
     from conftest import perturbed_medusa
-    from drafters import EagleModel
+    from drafters import DFlashModel, EagleModel
     from drafters.draft_lm import build_draft_lm
 
     torch.manual_seed(1)
@@ -139,8 +139,14 @@ def _drafters(target):
                     p.add_(torch.randn_like(p) * 0.02)
         eagle.attach_target(target)
         eagles[f"eagle{version}"] = ("eagle", eagle.eval())
-    return {"medusa": ("medusa", perturbed_medusa(target)), **eagles,
-            "draft_lm": ("draft_lm", build_draft_lm(target, 2, [0]).eval())}
+    peagle = EagleModel.from_target(target, version=3, parallel_drafts=4)
+    dflash = DFlashModel.from_target(target, block_size=5)
+    with torch.no_grad():
+        for drafter in (peagle, dflash):
+            for p in drafter.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return {"medusa": ("medusa", perturbed_medusa(target)), **eagles, "peagle": ("eagle", peagle.eval()),
+            "dflash": ("dflash", dflash.eval()), "draft_lm": ("draft_lm", build_draft_lm(target, 2, [0]).eval())}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -166,3 +172,44 @@ def test_teacher_forced_tau_is_the_loops_tau_for_every_kind(arch):
             assert steps[:-1] == real[:-1] and len(steps) == len(real), name
             accepted += sum(steps)
     assert accepted > 0  # some drafts were accepted: the steps had something to agree on
+
+
+@pytest.mark.parametrize("tree", ["[[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]", "dynamic"])
+def test_teacher_forced_tau_of_a_tree_is_the_loops_tau(tree):
+    """training.acceptance_tree: the estimate follows the tree's greedy path through the target's answer; the
+    loop verifies the same tree. Same τ for every kind that drafts trees (dynamic: EAGLE's drafters only)."""
+    from conftest import make_tiny_target
+
+    target = make_tiny_target().eval()
+    prompts = [torch.tensor([5, 17, 99, 3, 42, 7]), torch.tensor([8, 8, 120, 64, 3])]
+    answers = Answers(target, prompts, 24, set())
+    multi = 0
+    for name, (kind, drafter) in _drafters(target).items():
+        if kind == "draft_lm" or (tree == "dynamic" and name in ("medusa", "peagle", "dflash")):
+            continue
+        estimate = heldout_tau(drafter, kind, target, answers, 3, tree)
+        loop = loop_tau(drafter, kind, target, prompts, 24, set(), 3, tree)
+        chain = heldout_tau(drafter, kind, target, answers, 3)
+        assert estimate["tau"] == pytest.approx(loop["tau"], abs=1e-12), name
+        assert estimate["tau"] >= chain["tau"] - 1e-12, name  # the tree holds the chain's path to depth 3
+        multi += estimate["tau"] > chain["tau"]
+    assert multi  # some tree accepted a token the chain missed: the trees were measured as trees
+
+
+def test_the_acceptance_tree_is_a_tree_and_not_for_draft_lms(assets, tmp_path):
+    for kind, tree, problem in [("eagle3", "auto", "sized after training"), ("eagle3", "[[0, 0]]", "without its parent"),
+                                ("draft_lm", "dynamic", "draft LM")]:
+        with pytest.raises(ConfigError, match=f"training.acceptance_tree.*{problem}"):
+            load_config(str(REPO / "configs" / f"{kind}_tiny.yaml"),
+                        tiny_overrides(assets, tmp_path, f"training.acceptance_tree={tree}"))
+
+
+def test_training_logs_the_trees_tau_and_picks_by_it(assets, tmp_path):
+    out = tmp_path / "run"
+    _train(assets, out, "medusa", "training.max_steps=2", "training.acceptance_tree=[[0], [1], [0, 0], [0, 0, 0]]")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if "heldout_tau" in r]
+    assert [r["step"] for r in measured] == [1, 2]
+    assert all(r["heldout_tau"] >= r["heldout_chain_tau"] for r in measured)
+    record = json.loads((out / RECORD).read_text())
+    assert {int(s): t for s, t in record["taus"].items()} == {r["step"]: r["heldout_tau"] for r in measured}

@@ -96,18 +96,21 @@ def teacher_forced_accepts(proposer, answer: Answer) -> list[int]:
     return accepts
 
 
-def chain_proposer(drafter, kind: str, target, depth: int):
-    """The drafter's proposer drafting greedy chains of `depth` tokens."""
+def chain_proposer(drafter, kind: str, target, depth: int, tree: str | None = None, **options):
+    """The drafter's proposer drafting greedy chains of `depth` tokens, or the tree `tree` ('dynamic' or JSON rank
+    paths; not draft LMs) with the proposer `options` of inference.eval_config (a dynamic tree's size)."""
     from inference.proposer_setup import make_proposer
 
-    options = {"tree": "chain", "tree_depth": depth} if kind != "draft_lm" else {"draft_k": depth, "adaptive_k": False}
-    return make_proposer(drafter, target, **options)[0]
+    if kind == "draft_lm":
+        return make_proposer(drafter, target, draft_k=depth, adaptive_k=False)[0]
+    return make_proposer(drafter, target, tree=tree or "chain", tree_depth=depth, **options)[0]
 
 
-def heldout_tau(drafter, kind: str, target, answers: Answers, depth: int) -> dict:
-    """{tau, alpha}: teacher-forced tokens per target forward of greedy chain drafting (prefill excluded) over the
-    held-out answers, and α_k = P(draft k accepted | drafts 1..k-1 accepted) for k = 1..depth."""
-    proposer = chain_proposer(drafter, kind, target, depth)
+def heldout_tau(drafter, kind: str, target, answers: Answers, depth: int, tree: str | None = None,
+                **options) -> dict:
+    """{tau, alpha}: teacher-forced tokens per target forward of greedy chain (or `tree`) drafting (prefill
+    excluded) over the held-out answers, and α_k = P(k drafts accepted | k - 1 were) for k = 1..depth."""
+    proposer = chain_proposer(drafter, kind, target, depth, tree, **options)
     accepted, tokens = [], 0
     for answer in answers.of(getattr(proposer, "feature_layers", None)):
         accepted += teacher_forced_accepts(proposer, answer)
@@ -117,11 +120,11 @@ def heldout_tau(drafter, kind: str, target, answers: Answers, depth: int) -> dic
 
 @torch.no_grad()
 def loop_tau(drafter, kind: str, target, prompts: list[torch.Tensor], max_new_tokens: int, eos: set[int],
-             depth: int) -> dict:
-    """{tau, alpha} of the verification loop itself, greedy chains of `depth`, answering the prompts."""
+             depth: int, tree: str | None = None, **options) -> dict:
+    """{tau, alpha} of the verification loop itself, greedy chains of `depth` (or `tree`), answering the prompts."""
     from inference.speculative import speculative_generate
 
-    proposer = chain_proposer(drafter, kind, target, depth)
+    proposer = chain_proposer(drafter, kind, target, depth, tree, **options)
     accepted, tokens = [], 0
     for prompt in prompts:
         result = speculative_generate(target, proposer, prompt.to(target.device), max_new_tokens, eos)

@@ -21,7 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from drafters.kinds import check_table
-from inference.eval_config import ConfigError, EvalConfig, check as _check
+from inference.eval_config import ConfigError, EvalConfig, check as _check, check_tree
 
 
 # --- sections --------------------------------------------------------------------------------------------------
@@ -195,6 +195,8 @@ class TrainingConfig:
     acceptance_tokens: int = 32  # new tokens per answer
     acceptance_loop: bool = False  # also run the verification loop itself on those prompts (heldout_loop_tau; slower)
     acceptance_depth: int = 4  # draft tokens per chain
+    # also the τ of this tree (dynamic or JSON rank paths; not draft LMs), which then picks the best drafter
+    acceptance_tree: str | None = None
     early_stop_patience: int | None = None  # stop after this many held-out τ measurements without a new best
 
     def __post_init__(self):
@@ -219,6 +221,10 @@ class TrainingConfig:
                self.acceptance_every, "must be >= 1 or null (off)")
         for key in ("acceptance_prompts", "acceptance_tokens", "acceptance_depth"):
             _check(getattr(self, key) >= 1, f"training.{key}", getattr(self, key), "must be >= 1")
+        if self.acceptance_tree is not None:
+            _check(self.acceptance_tree not in ("auto", "chain"), "training.acceptance_tree", self.acceptance_tree,
+                   "must be dynamic or JSON rank paths (auto is sized after training; the chain is always measured)")
+            check_tree(self.acceptance_tree, "training.acceptance_tree")
         _check(self.early_stop_patience is None or (self.early_stop_patience >= 1 and self.acceptance_every),
                "training.early_stop_patience", self.early_stop_patience,
                "must be >= 1 or null, and needs training.acceptance_every (it counts held-out τ measurements)")
@@ -275,6 +281,8 @@ class TrainConfig:
                f"must be {dtype} with drafter.share_lm_head=true and training.precision={self.training.precision}: "
                "the heads feed the target's own LM head, so both must use one dtype")
         self.eval.check_kind(self.drafter.kind)
+        _check(self.training.acceptance_tree is None or self.drafter.kind != "draft_lm", "training.acceptance_tree",
+               self.training.acceptance_tree, "must be null for a draft LM, which drafts chains")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -281,10 +281,16 @@ class Recipe:
             with torch.random.fork_rng(devices=[]):  # training's random stream stays as without the measurement
                 result = acceptance.heldout_tau(drafter, kind, self.target, self._heldout_answers(),
                                                 tc.acceptance_depth)
+                tree = {"tree": tc.acceptance_tree, "max_tree_nodes": self.cfg.eval.max_tree_nodes,
+                        "tree_topk": self.cfg.eval.tree_topk} if tc.acceptance_tree else {}
+                if tree:  # the tree's τ picks the best drafter; the chain's is logged beside it
+                    chain_tau = result["tau"]
+                    result = acceptance.heldout_tau(drafter, kind, self.target, self._heldout_answers(),
+                                                    tc.acceptance_depth, **tree)
                 if tc.acceptance_loop:
                     loop = acceptance.loop_tau(drafter, kind, self.target, self._heldout_answers().prompts,
                                                tc.acceptance_tokens, stop_tokens(self.target, self.tokenizer),
-                                               tc.acceptance_depth)["tau"]
+                                               tc.acceptance_depth, **tree)["tau"]
             tau[0], alpha = result["tau"], result["alpha"]
         if self.d.world_size > 1:
             tau = trainer.all_reduce_sum(tau, self.d.device)  # the other ranks add 0
@@ -295,6 +301,8 @@ class Recipe:
         if self.d.is_main:
             self.record.save(self.out)
         row = {"heldout_tau": tau, "heldout_alpha": [round(a, 4) for a in alpha]}
+        if tc.acceptance_tree and self.d.is_main:
+            row["heldout_chain_tau"] = round(chain_tau, 6)
         return row if loop is None else {**row, "heldout_loop_tau": round(loop, 6)}
 
     def _heldout_answers(self) -> acceptance.Answers:
