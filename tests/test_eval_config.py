@@ -43,7 +43,7 @@ def test_bad_options_are_refused(options, message):
     ("medusa", dict(compare_hf=True), r"eval\.compare_hf=True is for draft_lm drafters; this drafter is medusa"),
     ("eagle", dict(draft_k=3), r"eval\.draft_k=3 is for draft_lm drafters; this drafter is eagle"),
     ("medusa", dict(draft_dtype="bfloat16"), r"eval\.draft_dtype='bfloat16' is for draft_lm drafters"),
-    ("draft_lm", dict(tree_depth=3), r"eval\.tree_depth=3 is for eagle drafters; this drafter is draft_lm"),
+    ("draft_lm", dict(tree_depth=3), r"eval\.tree_depth=3 is for eagle and dflash drafters; this drafter is draft_lm"),
     ("medusa", dict(tree="dynamic"), r"eval\.tree='dynamic' \(EAGLE-2 dynamic trees\) is for eagle drafters"),
 ])
 def test_options_of_other_kinds_are_refused(kind, options, message):
