@@ -16,7 +16,7 @@ offset of draft id i (target id = i + d2t[i]) and `t2d` marks the target ids tha
 P-EAGLE (parallel EAGLE-3, `parallel_drafts` K > 1): depths 2..K are drafted in the same forward as depth 1. The
 positions after the root's pair are placeholders: token id -1 reads the learned `mask_embedding` in place of the
 unknown token and the learned feature `mask_hidden` [F] (fused by fc like the target's, as speculators and vLLM
-have it) in place of the unknown feature, and attends causally like any draft position. The reference feeds a
+have it: `placeholder_hidden`) in place of the unknown feature, and attends causally like any draft position. The reference feeds a
 mask token through a trainable embedding; here the target's embedding is borrowed frozen, so the placeholder
 token is a vector of its own.
 
@@ -383,12 +383,11 @@ class EagleModel(PreTrainedModel):
         transformers Cache holding earlier pairs (appended to). ttt: the cache holds earlier training-time-test
         steps over the same T anchors and attention_mask [., 1, T, T] covers step 0's block (`ttt_attention`).
         Returns the output [B, T, H]: EAGLE-1's predicted feature f^_{t+1}, EAGLE-3's h (before `norm`).
-        P-EAGLE: where input_ids is -1 (a placeholder) the token and hidden inputs are mask_embedding, mask_hidden."""
-        slot = (input_ids < 0)[..., None] if self.config.parallel_drafts else None             # [B, T, 1]
+        P-EAGLE: where input_ids is -1 (a placeholder) the token input is mask_embedding; the caller gives the
+        placeholder's hidden input there (`placeholder_hidden`, a constant at inference that a proposer fuses once)."""
         embeds = self.target.get_input_embeddings()(input_ids.clamp(min=0)).to(hidden_states.dtype)  # [B, T, H]
-        if slot is not None:
-            embeds = torch.where(slot, self.mask_embedding.to(embeds.dtype), embeds)
-            hidden_states = torch.where(slot, self.fuse(self.mask_hidden).to(hidden_states.dtype), hidden_states)
+        if self.config.parallel_drafts:
+            embeds = torch.where((input_ids < 0)[..., None], self.mask_embedding.to(embeds.dtype), embeds)
         rope = self.rotary(hidden_states.device)(hidden_states, position_ids)
         kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, position_embeddings=rope, cache=cache,
                       ttt=ttt)
@@ -398,6 +397,10 @@ class EagleModel(PreTrainedModel):
         x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden_states)], dim=-1)  # [B, T, 2H]
         h = hidden_states + layer.self_attn(hidden_states=x, **kwargs)[0]
         return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def placeholder_hidden(self) -> torch.Tensor:
+        """P-EAGLE: the placeholders' hidden input [H], mask_hidden fused by fc like the target's features."""
+        return self.fuse(self.mask_hidden)
 
     def rotary(self, device: torch.device) -> nn.Module:
         """The family's rotary embedding on `device`, built once: a plain attribute, so from_pretrained's
@@ -419,4 +422,6 @@ class EagleModel(PreTrainedModel):
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """A step's output [..., H] -> logits [..., N] over draft ids (EAGLE-1: N = V, draft id = target id)."""
+        if self.config.eagle_version == 3:  # through the module, so that inference's packed layer serves it
+            return self.lm_head(self.head_input(out))
         return torch.nn.functional.linear(self.head_input(out), self.head_weight().to(out.dtype))

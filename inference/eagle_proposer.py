@@ -75,11 +75,10 @@ class EagleProposer:
         self.path_set = set(self.paths)
         self.parent_paths = {p[:-1] for p in self.paths}                        # static nodes with children
         self.feature_layers = drafter.config.feature_layers                   # EAGLE-3's; None for EAGLE-1
-        weight = drafter.head_weight()
         if draft_vocab is not None and drafter.config.eagle_version == 1:
-            self.ids, self.head = draft_head_rows(weight, draft_vocab)          # [N], [N, H]
+            self.ids, self.head = draft_head_rows(drafter.head_weight(), draft_vocab)  # [N], [N, H]
         else:
-            self.ids, self.head = drafter.draft_ids(), weight.detach()
+            self.ids, self.head = drafter.draft_ids(), None                     # the drafter's own head
         self.cache: DynamicCache | None = None
         self.base = 0                                                           # verified pairs in the cache
         self.pending_features: torch.Tensor | None = None                      # [n, F]
@@ -152,7 +151,7 @@ class EagleProposer:
     def _add_children(self, tree: DraftNodes, nodes: list[int]) -> None:
         """The best children of every fed node in `nodes`, scored by cumulative log-probability."""
         outs = torch.stack([tree.outputs[i] for i in nodes])                               # [m, H]
-        logp = torch.log_softmax(F.linear(self.drafter.head_input(outs), self.head.to(outs.dtype)).float(), -1)
+        logp = torch.log_softmax(self._logits(outs).float(), -1)
         k = min(self._children_wanted(tree, nodes), logp.shape[-1])
         top = logp.topk(k, dim=-1)                                                          # [m, k]
         targets, values = self.ids[top.indices].tolist(), top.values.tolist()   # read back once per depth
@@ -202,6 +201,12 @@ class EagleProposer:
             i = tree.parents[i]
         return out
 
+    def _logits(self, out: torch.Tensor) -> torch.Tensor:
+        """Outputs [..., H] -> logits [..., N] over the candidates (self.ids)."""
+        if self.head is None:
+            return self.drafter.logits(out)
+        return F.linear(self.drafter.head_input(out), self.head.to(out.dtype))
+
     def _additive(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """bool [m, K] -> additive mask [1, 1, m, K] on the drafter's device."""
         return additive_mask(allowed.to(self.ids.device), dtype)
@@ -216,6 +221,7 @@ class ParallelEagleProposer(EagleProposer):
     def __init__(self, drafter: EagleModel, paths: list[tuple[int, ...]]):
         super().__init__(drafter, "static", paths=paths)
         self.shape = RankPaths(paths, drafter.config.parallel_drafts, "P-EAGLE")
+        self.slot_hidden: torch.Tensor | None = None  # [H] placeholder_hidden, fused once (under the loop's packing)
 
     @torch.no_grad()
     def propose(self, root: int) -> TokenTree:
@@ -225,7 +231,10 @@ class ParallelEagleProposer(EagleProposer):
         n = len(self.pending_tokens) + 1
         tokens = torch.tensor([self.pending_tokens + [root] + [-1] * slots], device=self.ids.device)  # [1, n + slots]
         hidden = d.fuse(self.pending_features[None])                                                 # [1, n, H]
-        hidden = torch.cat([hidden, hidden.new_zeros(1, slots, hidden.shape[-1])], dim=1)            # slots: mask_hidden
+        if slots and self.slot_hidden is None:
+            self.slot_hidden = d.placeholder_hidden().to(hidden.dtype)
+        if slots:
+            hidden = torch.cat([hidden, self.slot_hidden.expand(1, slots, -1)], dim=1)               # [1, n + slots, H]
         m = n + slots
         pos = torch.arange(self.base, self.base + m, device=tokens.device)[None]
         allowed = torch.ones(m, self.base + m, dtype=torch.bool).tril(self.base)
@@ -234,5 +243,5 @@ class ParallelEagleProposer(EagleProposer):
         self.pending_features, self.pending_tokens = None, []
         if slots:
             self.cache.crop(-slots)
-        logits = F.linear(d.head_input(out[0, n - 1:]), self.head.to(out.dtype))                    # [depth, N]
+        logits = self._logits(out[0, n - 1:])                                                       # [depth, N]
         return self.shape.tree(root, logits, self.ids)

@@ -90,10 +90,9 @@ class RankPaths:
 
     def tree(self, root: int, logits: torch.Tensor, ids: torch.Tensor | None = None) -> TokenTree:
         """logits [>= depth, N]: depth d's scores over N candidates (ids [N]: their target ids; None: N = V)."""
-        top = torch.cat([logits[d].topk(k).indices for d, k in enumerate(self.topk)])  # [sum(topk)]
+        top = logits[:self.depth].topk(max(self.topk)).indices                         # [depth, max(topk)]
         ranked = (top if ids is None else ids[top]).tolist()                         # one read-back per step
-        starts = [sum(self.topk[:d]) for d in range(self.depth)]
-        tokens = [root] + [ranked[starts[len(p) - 1] + p[-1]] for p in self.paths]
+        tokens = [root] + [ranked[len(p) - 1][p[-1]] for p in self.paths]
         return TokenTree(torch.tensor(tokens), self.parents)
 
 

@@ -50,7 +50,7 @@ def test_peagle_training_step_equals_the_one_forward_draft():
     for j in (0, 4, 7):
         n = j + 1
         tokens = torch.cat([ids[:, 1:n + 1], torch.full((1, 2), -1)], dim=1)
-        hidden = torch.cat([drafter.fuse(features[:, :n]), torch.zeros(1, 2, 64)], dim=1)
+        hidden = torch.cat([drafter.fuse(features[:, :n]), drafter.placeholder_hidden().expand(1, 2, -1)], dim=1)
         mask = torch.zeros(1, 1, n + 2, n + 2).masked_fill(torch.ones(n + 2, n + 2).triu(1).bool(), -1e30)
         out = drafter(tokens, hidden, torch.arange(n + 2)[None], mask, DynamicCache())[0]
         for i in range(3):
@@ -84,6 +84,24 @@ def accepted_if_lossless(target, make_proposer) -> int:
         assert result.tokens == plain_generate(target, prompt, 40, set()).tokens
         accepted += sum(result.accept_lengths)
     return accepted
+
+
+def test_peagle_drafts_through_its_packed_head_and_fuses_the_placeholder_once(peagle):
+    """Inference packs the drafter's nn.Linear layers (target.packing); the head must be reached as a module for
+    that to serve it, and the constant placeholder feature is fused once per proposer, not per step."""
+    target, drafter = peagle
+    calls = {"lm_head": 0, "fc": 0}
+    hooks = [getattr(drafter, name).register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(
+        name, calls[name] + 1)) for name in calls]
+    try:
+        result = speculative_generate(target, ParallelEagleProposer(drafter, CHAIN), torch.tensor(PROMPTS[0]), 12,
+                                      set())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    steps = len(result.accept_lengths)
+    assert calls["lm_head"] == steps               # one projection of every depth per step
+    assert calls["fc"] == steps + 1                # each step's verified features, and the placeholder once
 
 
 @pytest.mark.parametrize("paths", [CHAIN, TREE], ids=["chain", "tree"])

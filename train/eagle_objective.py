@@ -188,8 +188,8 @@ class Eagle3Objective(nn.Module):
                 stats[i] = torch.tensor([ce.sum().item(), int((logits.argmax(-1) == greedy[rows_i]).sum()), m])
                 if self.topk:
                     self.rank_hits[i] += rank_hits(logits, greedy[rows_i], self.topk)
-            # 3. the training-time test: the next step reads this step's own output
-            h = out
+            # 3. the training-time test: the next step reads this step's own output (P-EAGLE: the placeholder's)
+            h = d.placeholder_hidden().expand(B, n, -1) if parallel else out
         if not isinstance(loss, torch.Tensor):  # nothing supervised: zero loss touching every parameter
             loss = sum(p.sum() * 0 for p in d.parameters())
         return loss, stats
