@@ -213,8 +213,11 @@ class DFlashModel(PreTrainedModel):
                                              attn_mask=mask, scale=attn.scaling)        # [B, h, n, D]
         return attn.o_proj(out.transpose(1, 2).reshape(B, n, -1))
 
-    def logits(self, out: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
-        """Outputs [..., H] -> logits [..., V] through `norm` and the target's LM head (or `head` [N, H]: rows of
-        it over a draft vocabulary)."""
-        weight = self.target.get_output_embeddings().weight if head is None else head
-        return F.linear(self.norm(out), weight.to(out.dtype))
+    def logits(self, out: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """Outputs [..., H] -> logits [..., V] through `norm` and the target's LM head (or `head`, a linear layer
+        over its rows of a draft vocabulary: [..., N])."""
+        head = head if head is not None else self.target.get_output_embeddings()
+        x = self.norm(out)
+        if head.weight.dtype == x.dtype:  # a module call, so inference's packed layer serves it
+            return head(x)
+        return F.linear(x, head.weight.to(x.dtype))

@@ -13,6 +13,7 @@ import torch
 
 from drafters.dflash import DFlashModel
 from drafters.vocab import draft_head_rows
+from target.packing import linear_like
 
 from .tree import RankPaths, TokenTree
 
@@ -24,8 +25,11 @@ class DFlashProposer:
         self.shape = RankPaths(paths, drafter.config.depths, "DFlash")
         self.paths, self.depth = self.shape.paths, self.shape.depth
         self.feature_layers = drafter.config.feature_layers
-        weight = drafter.target.get_output_embeddings().weight
-        self.ids, self.head = (None, None) if draft_vocab is None else draft_head_rows(weight, draft_vocab)
+        head = drafter.target.get_output_embeddings()
+        self.ids, self.head = None, None                                       # the target's whole head
+        if draft_vocab is not None:
+            self.ids, rows = draft_head_rows(head.weight, draft_vocab)          # [N], [N, H]
+            self.head = linear_like(rows, head)
         self.context: list[tuple[torch.Tensor, torch.Tensor]] | None = None   # per layer [1, kv, T, D] each
         self.base = 0                                                          # verified positions in the context
 

@@ -54,6 +54,14 @@ class PackedLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+def linear_like(weight: torch.Tensor, reference: nn.Module) -> nn.Module:
+    """A frozen bias-free linear layer over `weight` [out, in], packed when `reference` is a PackedLinear: rows taken
+    from a packed layer (a draft vocabulary's rows of the LM head) then run on the same fast path."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return PackedLinear(linear) if isinstance(reference, PackedLinear) else linear
+
+
 def packable_dtypes() -> tuple[torch.dtype, ...]:
     """Weight dtypes oneDNN can prepack here: float32, and bfloat16 only on CPUs with bf16 instructions (AVX512-BF16
     or AVX-NE-CONVERT; elsewhere oneDNN refuses to reorder a bf16 weight, and torch's own bf16 GEMV runs)."""

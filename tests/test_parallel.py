@@ -14,6 +14,7 @@ from inference.dflash_proposer import DFlashProposer
 from inference.eagle_proposer import ParallelEagleProposer
 from inference.speculative import plain_generate, speculative_generate
 from target.model import target_forward
+from target.packing import PackedLinear, can_pack, packed_linears
 from test_eagle import PROMPTS, greedy_text
 from train.dflash_objective import DFlashObjective
 from train.eagle_objective import Eagle3Objective
@@ -196,6 +197,21 @@ def test_dflash_greedy_decoding_is_lossless_and_accepts_drafts(dflash, paths):
 
 
 # --- through the recipe --------------------------------------------------------------------------------------------
+
+
+def test_dflash_draft_vocabulary_runs_packed_and_stays_lossless(dflash):
+    """Rows of the target's packed LM head (a draft vocabulary) are packed too, and decoding stays the target's."""
+    target, drafter = dflash
+    vocab = list(range(0, target.config.vocab_size, 2))
+    with torch.no_grad(), packed_linears(target):
+        drafter.attach_target(target)
+        try:
+            proposer = DFlashProposer(drafter, CHAIN, draft_vocab=vocab)
+            assert isinstance(proposer.head, PackedLinear) == can_pack()
+            assert torch.equal(proposer.head.weight, target.lm_head.weight[vocab])
+            accepted_if_lossless(target, lambda: DFlashProposer(drafter, CHAIN, draft_vocab=vocab))
+        finally:
+            drafter.attach_target(target)
 
 
 @pytest.mark.parametrize("config", ["peagle_tiny", "dflash_tiny"])
