@@ -15,10 +15,10 @@ offset of draft id i (target id = i + d2t[i]) and `t2d` marks the target ids tha
 
 P-EAGLE (parallel EAGLE-3, `parallel_drafts` K > 1): depths 2..K are drafted in the same forward as depth 1. The
 positions after the root's pair are placeholders: token id -1 reads the learned `mask_embedding` in place of the
-unknown token and the learned feature `mask_hidden` [F] (fused by fc like the target's, as speculators and vLLM
-have it: `placeholder_hidden`) in place of the unknown feature, and attends causally like any draft position. The reference feeds a
-mask token through a trainable embedding; here the target's embedding is borrowed frozen, so the placeholder
-token is a vector of its own.
+unknown token, the learned feature `mask_hidden` [F] (fused by fc like the target's, as speculators and vLLM have
+it: `placeholder_hidden`) stands in for the unknown feature, and they attend causally like any draft position. The
+reference feeds a mask token through a trainable embedding; here the target's embedding is borrowed frozen, so the
+placeholder token is a vector of its own.
 
 Both are built from the target's config (the decoder layer, norm and rotary classes of its transformers model
 family), never from a copied modeling file. The target's embedding (and, for EAGLE-1, its LM head) is borrowed

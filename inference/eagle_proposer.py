@@ -231,9 +231,9 @@ class ParallelEagleProposer(EagleProposer):
         n = len(self.pending_tokens) + 1
         tokens = torch.tensor([self.pending_tokens + [root] + [-1] * slots], device=self.ids.device)  # [1, n + slots]
         hidden = d.fuse(self.pending_features[None])                                                 # [1, n, H]
-        if slots and self.slot_hidden is None:
-            self.slot_hidden = d.placeholder_hidden().to(hidden.dtype)
         if slots:
+            if self.slot_hidden is None:
+                self.slot_hidden = d.placeholder_hidden().to(hidden.dtype)
             hidden = torch.cat([hidden, self.slot_hidden.expand(1, slots, -1)], dim=1)               # [1, n + slots, H]
         m = n + slots
         pos = torch.arange(self.base, self.base + m, device=tokens.device)[None]

@@ -1,16 +1,16 @@
 """Where one decoding step's time goes, for plain decoding and for drafters' proposers, on this machine:
 
     python -m inference.profile_step --target smollm2-135m-instruct --drafter runs/medusa_smollm2/drafter \
-        [--drafter NAME=FOLDER@tree_depth=7 ...] [--tree auto|chain|dynamic|JSON] [--tree-depth 5] [--max-tree-nodes 64] \
-        [--context-len 256] [--steps 20] [--rounds 1] [--no-pack]
+        [--drafter NAME=FOLDER@tree_depth=7 ...] [--tree auto|chain|dynamic|JSON] [--tree-depth 5] \
+        [--max-tree-nodes 64] [--context-len 256] [--steps 20] [--rounds 1] [--no-pack]
 
 Real steps of the verification loop (inference.speculative.verify_step) on a context of random tokens, timed
 part by part (StepClock: draft, tree, verify, accept, cache, other), median ms per step, with the target and
 drafters set up as the evaluation sets them up. The tree options are the evaluation's, for every drafter of a
-kind that takes them, and a drafter's own `@key=value` options override them (with --tree auto each calibration
-chooses its tree first; when no tree pays, that drafter's row is plain decoding too). Several drafters are timed side by side: every round times each row in
-turn (plain first), and a part's figure is its median over the rounds, so a drift of the machine's speed
-reaches every row alike.
+kind that takes them; a drafter's own `@key=value` options override them (with --tree auto each calibration
+chooses its tree first; when no tree pays, that drafter's row is plain decoding too). Several drafters are timed
+side by side: every round times each row in turn (plain first), and a part's figure is its median over the
+rounds, so a drift of the machine's speed reaches every row alike.
 """
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             config = spec.config(shared, kind_of(drafter))
             drafter, setup = stack.enter_context(inference_setup(target, drafter, config))
             proposers[spec.name], record = make_proposer(drafter, target, **config.proposer_options())
-            shape = "plain decoding (no tree pays)" if record.get("decoding") == "plain" else f"{record.get('nodes')} nodes"
+            plain = record.get("decoding") == "plain"
+            shape = "plain decoding (no tree pays)" if plain else f"{record.get('nodes')} nodes"
             shapes.append(f"{spec.name}: {record.get('tree', 'chain')} tree, {shape}")
         costs = profile(target, proposers, args.context_len, args.steps, args.rounds)
     print(f"{'; '.join(shapes)}; {args.context_len}-token context, {args.rounds} round(s) of {args.steps} steps, "

@@ -20,7 +20,8 @@ def saved(tmp_path_factory):
 def test_profiles_drafters_side_by_side(saved, capsys):
     target_dir, root = saved
     main(["--target", target_dir, "--drafter", str(root / "eagle3" / "drafter"), "--drafter",
-          f"parallel={root / 'peagle'}@tree_depth=4", "--tree", "chain", "--tree-depth", "3", "--steps", "2", "--rounds", "2"])
+          f"parallel={root / 'peagle'}@tree_depth=4", "--tree", "chain", "--tree-depth", "3", "--steps", "2",
+          "--rounds", "2"])
     out = capsys.readouterr().out
     assert "eagle3: chain tree, 4 nodes; parallel: chain tree, 5 nodes; 256-token context, 2 round(s) of 2 steps" in out
     header, rule, *rows = out.splitlines()[1:]
