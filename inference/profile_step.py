@@ -77,19 +77,20 @@ def main(argv: list[str] | None = None) -> None:
     specs = parse_drafters(args.drafter, args.target)
     target, _ = load_target(args.target, dtype=args.dtype)
     shared = EvalConfig(pack=args.pack, tree=args.tree, max_tree_nodes=args.max_tree_nodes, tree_depth=args.tree_depth)
-    proposers, shapes = {"plain": NoDraft()}, []
+    proposers, shapes, setups = {"plain": NoDraft()}, [], []
     with torch.no_grad(), ExitStack() as stack:
         for spec in specs:
             drafter = load_drafter(spec.path, target).to(target.dtype)
             config = spec.config(shared, kind_of(drafter))
             drafter, setup = stack.enter_context(inference_setup(target, drafter, config))
+            setups.append(setup)
             proposers[spec.name], record = make_proposer(drafter, target, **config.proposer_options())
             plain = record.get("decoding") == "plain"
             shape = "plain decoding (no tree pays)" if plain else f"{record.get('nodes')} nodes"
             shapes.append(f"{spec.name}: {record.get('tree', 'chain')} tree, {shape}")
         costs = profile(target, proposers, args.context_len, args.steps, args.rounds)
     print(f"{'; '.join(shapes)}; {args.context_len}-token context, {args.rounds} round(s) of {args.steps} steps, "
-          f"{torch.get_num_threads()} threads, {target.device}, {setup}")
+          f"{torch.get_num_threads()} threads, {target.device}, setup (target and first drafter) {setups[0]}")
     print(format_profile(costs))
 
 
