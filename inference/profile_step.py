@@ -37,14 +37,16 @@ def profile(target, proposers: dict, context_len: int, steps: int, rounds: int =
     """name -> proposer  ->  name -> median ms of each loop part and of the whole step, over `rounds` rounds that
     each time every proposer in turn (one context per set of feature layers the proposers read)."""
     timers: dict[tuple, LoopTimer] = {}
-    for proposer in proposers.values():
+    timer_of: dict[str, LoopTimer] = {}
+    for name, proposer in proposers.items():
         layers = tuple(getattr(proposer, "feature_layers", None) or ())
         if layers not in timers:
             timers[layers] = LoopTimer(target, list(layers) or None, context_len, steps=steps, warmup=3)
+        timer_of[name] = timers[layers]
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in proposers}
     for _ in range(rounds):
         for name, proposer in proposers.items():
-            runs[name].append(timers[tuple(getattr(proposer, "feature_layers", None) or ())](proposer))
+            runs[name].append(timer_of[name](proposer))
     return {name: {part: 1e3 * statistics.median(r[part] for r in rs) for part in rs[0]} for name, rs in runs.items()}
 
 
