@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from target.packing import project
+
 from .eagle import family_classes, family_layer_config
 
 
@@ -216,8 +218,4 @@ class DFlashModel(PreTrainedModel):
     def logits(self, out: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
         """Outputs [..., H] -> logits [..., V] through `norm` and the target's LM head (or `head`, a linear layer
         over its rows of a draft vocabulary: [..., N])."""
-        head = head if head is not None else self.target.get_output_embeddings()
-        x = self.norm(out)
-        if head.weight.dtype == x.dtype:  # a module call, so inference's packed layer serves it
-            return head(x)
-        return F.linear(x, head.weight.to(x.dtype))
+        return project(head if head is not None else self.target.get_output_embeddings(), self.norm(out))

@@ -35,6 +35,8 @@ from torch import nn
 from transformers import AttentionInterface, AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from target.packing import project
+
 
 class EagleConfig(PretrainedConfig):
     model_type = "draftsmith_eagle"
@@ -420,8 +422,10 @@ class EagleModel(PreTrainedModel):
             return self.lm_head.weight
         return self.target.get_output_embeddings().weight
 
-    def logits(self, out: torch.Tensor) -> torch.Tensor:
-        """A step's output [..., H] -> logits [..., N] over draft ids (EAGLE-1: N = V, draft id = target id)."""
-        if self.config.eagle_version == 3:  # through the module, so that inference's packed layer serves it
+    def logits(self, out: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """A step's output [..., H] -> logits [..., N] over draft ids (EAGLE-1: N = V, draft id = target id; or
+        `head`, a linear layer over the target head's rows of a draft vocabulary: [..., N]). Heads are called as
+        modules, so that inference's packed layers serve them."""
+        if self.config.eagle_version == 3:
             return self.lm_head(self.head_input(out))
-        return torch.nn.functional.linear(self.head_input(out), self.head_weight().to(out.dtype))
+        return project(head if head is not None else self.target.get_output_embeddings(), self.head_input(out))

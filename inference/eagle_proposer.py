@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from drafters.eagle import EagleModel
 from drafters.vocab import draft_head_rows
+from target.packing import linear_like
 
 from .tree import RankPaths, TokenTree, additive_mask, orphan_paths
 
@@ -76,7 +76,8 @@ class EagleProposer:
         self.parent_paths = {p[:-1] for p in self.paths}                        # static nodes with children
         self.feature_layers = drafter.config.feature_layers                   # EAGLE-3's; None for EAGLE-1
         if draft_vocab is not None and drafter.config.eagle_version == 1:
-            self.ids, self.head = draft_head_rows(drafter.head_weight(), draft_vocab)  # [N], [N, H]
+            self.ids, rows = draft_head_rows(drafter.head_weight(), draft_vocab)  # [N], [N, H]
+            self.head = linear_like(rows, drafter.target.get_output_embeddings())
         else:
             self.ids, self.head = drafter.draft_ids(), None                     # the drafter's own head
         self.cache: DynamicCache | None = None
@@ -203,9 +204,7 @@ class EagleProposer:
 
     def _logits(self, out: torch.Tensor) -> torch.Tensor:
         """Outputs [..., H] -> logits [..., N] over the candidates (self.ids)."""
-        if self.head is None:
-            return self.drafter.logits(out)
-        return F.linear(self.drafter.head_input(out), self.head.to(out.dtype))
+        return self.drafter.logits(out, self.head)
 
     def _additive(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """bool [m, K] -> additive mask [1, 1, m, K] on the drafter's device."""

@@ -12,6 +12,7 @@ from drafters.eagle import default_feature_layers, ttt_attention
 from inference.eagle_proposer import EagleProposer
 from inference.speculative import plain_generate, speculative_generate
 from target.model import target_forward
+from target.packing import PackedLinear, can_pack, packed_linears
 from inference.tree import additive_mask
 from train.eagle_objective import Eagle1Objective, Eagle3Objective, causal_mask
 
@@ -269,6 +270,25 @@ def test_greedy_decoding_is_lossless_and_accepts_drafts(trained, shape):
         assert result.forwards == 1 + len(result.accept_lengths)
         accepted += sum(result.accept_lengths)
     assert accepted >= 10  # the trained drafter's drafts are accepted (the tests would pass vacuously otherwise)
+
+
+@pytest.mark.parametrize("trained", [("llama", 1)], indirect=True, ids=["llama-eagle1"])
+def test_eagle1_draft_vocabulary_runs_packed_and_stays_lossless(trained):
+    """EAGLE-1 ranks a draft vocabulary with those rows of the target's packed head, packed too (FR-Spec)."""
+    target, drafter = trained
+    vocab = list(range(0, target.config.vocab_size, 2))
+    with torch.no_grad(), packed_linears(target):
+        proposer = EagleProposer(drafter, draft_vocab=vocab, **TREES["static"])
+        assert isinstance(proposer.head, PackedLinear) == can_pack()
+        assert torch.equal(proposer.head.weight, target.lm_head.weight[vocab])
+        for prompt in PROMPTS:
+            prompt = torch.tensor(prompt)
+            reference = plain_generate(target, prompt, 24, set()).tokens
+            assert speculative_generate(target, proposer, prompt, 24, set()).tokens == reference
+        out = target_forward(target, prompt[None])
+        proposer.begin(prompt, out.hidden_states[0])
+        drafts = proposer.propose(int(out.logits[0, -1].argmax())).tokens[1:]
+        assert len(drafts) == len(TREES["static"]["paths"]) and all(t % 2 == 0 for t in drafts)
 
 
 def test_dynamic_tree_shape(trained):
