@@ -10,7 +10,7 @@ from tiny_assets import tiny_overrides
 
 from drafters import load_drafter
 from target.model import load_target, stop_tokens
-from train.acceptance import (BEST_DIR, LAST_DIR, RECORD, Answers, Record, chain_proposer, greedy_path,
+from train.acceptance import (BEST_DIR, LAST_DIR, RECORD, Answers, Record, acceptance_proposer, greedy_path,
                               heldout_prompts, heldout_tau, loop_tau, teacher_forced_accepts)
 from train.config import ConfigError, load_config
 from train.kinds import recipe_class
@@ -164,7 +164,7 @@ def test_teacher_forced_tau_is_the_loops_tau_for_every_kind(arch):
         estimate = heldout_tau(drafter, kind, target, answers, depth=3)
         loop = loop_tau(drafter, kind, target, prompts, 24, set(), depth=3)
         assert estimate["tau"] == pytest.approx(loop["tau"], abs=1e-12), name
-        proposer = chain_proposer(drafter, kind, target, 3)
+        proposer = acceptance_proposer(drafter, kind, target, 3)
         for prompt, answer in zip(prompts, answers.of(getattr(proposer, "feature_layers", None))):
             from inference.speculative import speculative_generate
             steps = teacher_forced_accepts(proposer, answer)

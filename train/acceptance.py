@@ -96,7 +96,7 @@ def teacher_forced_accepts(proposer, answer: Answer) -> list[int]:
     return accepts
 
 
-def chain_proposer(drafter, kind: str, target, depth: int, tree: str | None = None, **options):
+def acceptance_proposer(drafter, kind: str, target, depth: int, tree: str | None = None, **options):
     """The drafter's proposer drafting greedy chains of `depth` tokens, or the tree `tree` ('dynamic' or JSON rank
     paths; not draft LMs) with the proposer `options` of inference.eval_config (a dynamic tree's size)."""
     from inference.proposer_setup import make_proposer
@@ -110,7 +110,7 @@ def heldout_tau(drafter, kind: str, target, answers: Answers, depth: int, tree: 
                 **options) -> dict:
     """{tau, alpha}: teacher-forced tokens per target forward of greedy chain (or `tree`) drafting (prefill
     excluded) over the held-out answers, and α_k = P(k drafts accepted | k - 1 were) for k = 1..depth."""
-    proposer = chain_proposer(drafter, kind, target, depth, tree, **options)
+    proposer = acceptance_proposer(drafter, kind, target, depth, tree, **options)
     accepted, tokens = [], 0
     for answer in answers.of(getattr(proposer, "feature_layers", None)):
         accepted += teacher_forced_accepts(proposer, answer)
@@ -124,7 +124,7 @@ def loop_tau(drafter, kind: str, target, prompts: list[torch.Tensor], max_new_to
     """{tau, alpha} of the verification loop itself, greedy chains of `depth` (or `tree`), answering the prompts."""
     from inference.speculative import speculative_generate
 
-    proposer = chain_proposer(drafter, kind, target, depth, tree, **options)
+    proposer = acceptance_proposer(drafter, kind, target, depth, tree, **options)
     accepted, tokens = [], 0
     for prompt in prompts:
         result = speculative_generate(target, proposer, prompt.to(target.device), max_new_tokens, eos)
