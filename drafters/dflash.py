@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from target.packing import project
-
-from .eagle import family_classes, family_layer_config
+from .eagle import family_classes, family_layer_config, project
 
 
 def default_feature_layers(num_target_layers: int, num_layers: int) -> list[int]:

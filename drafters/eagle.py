@@ -31,11 +31,11 @@ import importlib
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from target.packing import project
 
 
 class EagleConfig(PretrainedConfig):
@@ -142,6 +142,14 @@ def llama_layer_config(config: PretrainedConfig, num_layers: int = 1, family: st
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6), hidden_act=act, vocab_size=config.vocab_size,
         max_position_embeddings=config.max_position_embeddings, rope_parameters=dict(rope), num_hidden_layers=num_layers)
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] through a bias-free linear `layer` in x's dtype: a module call where the dtypes agree, so that a
+    packed layer serves it (an unpacked F.linear of a few rows runs on the slow MKL path)."""
+    if layer.weight.dtype == x.dtype:
+        return layer(x)
+    return F.linear(x, layer.weight.to(x.dtype))
 
 
 ATTENTION = "draftsmith_eagle"

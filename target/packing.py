@@ -62,14 +62,6 @@ def linear_like(weight: torch.Tensor, reference: nn.Module) -> nn.Module:
     return PackedLinear(linear) if isinstance(reference, PackedLinear) else linear
 
 
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] through a bias-free linear `layer` in x's dtype: a module call where the dtypes agree, so that a
-    packed layer serves it (an unpacked F.linear of a few rows runs on the slow MKL path)."""
-    if layer.weight.dtype == x.dtype:
-        return layer(x)
-    return F.linear(x, layer.weight.to(x.dtype))
-
-
 def packable_dtypes() -> tuple[torch.dtype, ...]:
     """Weight dtypes oneDNN can prepack here: float32, and bfloat16 only on CPUs with bf16 instructions (AVX512-BF16
     or AVX-NE-CONVERT; elsewhere oneDNN refuses to reorder a bf16 weight, and torch's own bf16 GEMV runs)."""
