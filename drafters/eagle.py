@@ -156,58 +156,84 @@ ATTENTION = "draftsmith_eagle"
 
 
 def ttt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,
-                  scaling: float, fused: bool | None = None) -> torch.Tensor:
+                  scaling: float, fused: bool | None = None, sizes: list[int] | None = None) -> torch.Tensor:
     """Attention of training-time-test step s: step s's query at anchor j sees step 0's keys through
     `attention_mask` (causal) and, of every later step's keys, only those at anchor j.
-    query [B, h, n, D]; key, value [B, kv, (s + 1) n, D] (block b = step b's keys at anchors 0..n-1);
-    attention_mask [B or 1, 1, n, n] additive over block 0. Returns [B, n, h, D].
+    query [B, h, m, D]; key, value [B, kv, n + n_1 + ... + n_s, D] (step 0's keys at anchors 0..n-1, then step b's
+    at its n_b anchors); attention_mask [B or 1, 1, m, n] additive over step 0's keys. sizes: [n_1, ..., n_s];
+    None: every step has all n anchors (m = n_b = n). With COD (Eagle3Objective) step b keeps the first n_b anchors
+    of one random order, n_1 >= ... >= n_s = m, so the query's row r and row r of every later block are the same
+    anchor. Returns [B, m, h, D].
 
     Two exact forms (tests/test_eagle.py checks outputs and gradients of both against SDPA over all keys):
-    fused (default on CUDA): one SDPA over the (s + 1) n keys with the mask [causal | diagonal x s]; its GPU
-    kernel never materialises the scores: a faster and much smaller training step on an H200 (measured
-    when it was introduced; see its commit).
+    fused (default on CUDA): one SDPA over all keys with the mask [causal | diagonal x s]; its GPU kernel never
+    materialises the scores: a faster and much smaller training step on an H200 (measured when it was
+    introduced; see its commit).
     unfused (default elsewhere): one causal block plus s dot products a query, with materialised scores: on CPU
     the masked form would compute s + 1 blocks of scores (4x, summed over the default 7 steps)."""
+    n, m = attention_mask.shape[-1], query.shape[2]
+    sizes = sizes if sizes is not None else _ttt_sizes(key.shape[2] - n, m)
+    if sum(sizes) != key.shape[2] - n or min(sizes, default=m) < m:
+        raise ValueError(f"training-time test: step sizes {sizes} do not fit {key.shape[2] - n} later keys and "
+                         f"{m} queries")
     if fused is None:
         fused = query.device.type == "cuda"
     if fused:
-        return _ttt_attention_fused(query, key, value, attention_mask, scaling)
-    B, h, n, D = query.shape
-    kv = key.shape[1]
-    q = query.view(B, kv, h // kv, n, D) * scaling                              # [B, kv, g, n, D]
+        return _ttt_attention_fused(query, key, value, attention_mask, scaling, sizes)
+    B, h = query.shape[:2]
+    kv, D = key.shape[1], key.shape[-1]
+    q = query.view(B, kv, h // kv, m, D) * scaling                              # [B, kv, g, m, D]
     k0, v0 = key[:, :, None, :n], value[:, :, None, :n]                         # [B, kv, 1, n, D]
-    kd = key[:, :, n:].unflatten(2, (-1, n))                                    # [B, kv, s, n, D]
-    vd = value[:, :, n:].unflatten(2, (-1, n))
-    scores = (q @ k0.transpose(-1, -2)).add_(attention_mask.unsqueeze(2))       # [B, kv, g, n, n]
-    diag = torch.einsum("bkgnd,bksnd->bkgns", q, kd)                            # [B, kv, g, n, s]
+    kd = _diagonal_rows(key[:, :, n:], sizes, m)                                # [B, kv, s, m, D]
+    vd = _diagonal_rows(value[:, :, n:], sizes, m)
+    scores = (q @ k0.transpose(-1, -2)).add_(attention_mask.unsqueeze(2))       # [B, kv, g, m, n]
+    diag = torch.einsum("bkgnd,bksnd->bkgns", q, kd)                            # [B, kv, g, m, s]
     w = torch.softmax(torch.cat([scores, diag], dim=-1).float(), dim=-1).to(query.dtype)
-    out = w[..., :n] @ v0 + torch.einsum("bkgns,bksnd->bkgnd", w[..., n:], vd)  # [B, kv, g, n, D]
-    return out.reshape(B, h, n, D).transpose(1, 2)
+    out = w[..., :n] @ v0 + torch.einsum("bkgns,bksnd->bkgnd", w[..., n:], vd)  # [B, kv, g, m, D]
+    return out.reshape(B, h, m, D).transpose(1, 2)
 
 
-def _ttt_attention_fused(query, key, value, attention_mask, scaling) -> torch.Tensor:
-    """ttt_attention as one SDPA call over all (s + 1) n keys (shapes there)."""
-    B, h, n, D = query.shape
-    kv, s = key.shape[1], key.shape[2] // n - 1
-    off = ~torch.eye(n, dtype=torch.bool, device=query.device)
-    diagonal = torch.zeros(n, n, dtype=query.dtype, device=query.device).masked_fill_(off, torch.finfo(query.dtype).min)
-    block0 = attention_mask.to(query.dtype)                                     # [B or 1, 1, n, n]
-    mask = torch.cat([block0, *[diagonal.expand_as(block0)] * s], dim=-1)      # [B or 1, 1, n, (s + 1) n]
-    k, v = key.repeat_interleave(h // kv, dim=1), value.repeat_interleave(h // kv, dim=1)  # [B, h, (s + 1) n, D]
+def _ttt_sizes(later: int, m: int) -> list[int]:
+    """n_1..n_s without COD: every step after step 0 has the query's m anchors."""
+    if later % m:
+        raise ValueError(f"training-time test: {later} keys after step 0 are not whole steps of {m} anchors")
+    return [m] * (later // m)
+
+
+def _diagonal_rows(blocks: torch.Tensor, sizes: list[int], m: int) -> torch.Tensor:
+    """blocks [B, kv, n_1 + ... + n_s, D] -> [B, kv, s, m, D]: the first m rows of every step's block."""
+    if all(size == m for size in sizes):
+        return blocks.unflatten(2, (-1, m))                                     # a view: no COD
+    return torch.stack([b[:, :, :m] for b in blocks.split(sizes, dim=2)], dim=2)
+
+
+def _ttt_attention_fused(query, key, value, attention_mask, scaling, sizes) -> torch.Tensor:
+    """ttt_attention as one SDPA call over all keys (shapes there)."""
+    h, m = query.shape[1], query.shape[2]
+    kv = key.shape[1]
+    block0 = attention_mask.to(query.dtype)                                     # [B or 1, 1, m, n]
+    low = torch.finfo(query.dtype).min
+    diagonals = [torch.zeros(m, size, dtype=query.dtype, device=query.device).masked_fill_(
+        ~torch.eye(m, size, dtype=torch.bool, device=query.device), low).expand(*block0.shape[:2], m, size)
+        for size in sizes]
+    mask = torch.cat([block0, *diagonals], dim=-1)                              # [B or 1, 1, m, n + sum(sizes)]
+    k, v = key.repeat_interleave(h // kv, dim=1), value.repeat_interleave(h // kv, dim=1)  # [B, h, keys, D]
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2)                                                  # [B, n, h, D]
+    return out.transpose(1, 2)                                                  # [B, m, h, D]
 
 
 def eagle_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
-                    scaling: float | None = None, ttt: bool = False, **kwargs):
-    """The drafter layer's attention function (transformers' AttentionInterface): `ttt=True` (passed through the
-    layer's kwargs by the training-time test) takes `ttt_attention`, anything else torch's SDPA."""
-    if not ttt:
+                    scaling: float | None = None, ttt: bool | list[int] = False, **kwargs):
+    """The drafter layer's attention function (transformers' AttentionInterface): `ttt` (passed through the
+    layer's kwargs by the training-time test: True, or COD's anchors per later step, ttt_attention's `sizes`) takes
+    `ttt_attention`, anything else torch's SDPA."""
+    if ttt is False or ttt is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if dropout:
         raise ValueError("the training-time test's attention has no dropout; set attention_dropout to 0")
-    return ttt_attention(query, key, value, attention_mask, scaling), None
+    sizes = None if ttt is True else list(ttt)
+    return ttt_attention(query, key, value, attention_mask, scaling, sizes=sizes), None
 
 
 AttentionInterface.register(ATTENTION, eagle_attention)
@@ -387,11 +413,13 @@ class EagleModel(PreTrainedModel):
         return self.fc(features) if self.config.eagle_version == 3 else features
 
     def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor, cache=None, ttt: bool = False) -> torch.Tensor:
+                attention_mask: torch.Tensor, cache=None, ttt: bool | list[int] = False) -> torch.Tensor:
         """One draft step. input_ids [B, T] (x_{t+1}), hidden_states [B, T, H] (fused feature or the previous
         step's output at t), position_ids [B, T], attention_mask [B or 1, 1, T, T_cache + T] additive, cache: a
         transformers Cache holding earlier pairs (appended to). ttt: the cache holds earlier training-time-test
-        steps over the same T anchors and attention_mask [., 1, T, T] covers step 0's block (`ttt_attention`).
+        steps over the same T anchors and attention_mask [., 1, T, T] covers step 0's block (`ttt_attention`); with
+        COD, T is this step's anchors, the mask [., 1, T, n] their rows of step 0's and ttt the anchors of every
+        step after step 0 (ttt_attention's `sizes`).
         Returns the output [B, T, H]: EAGLE-1's predicted feature f^_{t+1}, EAGLE-3's h (before `norm`).
         P-EAGLE: where input_ids is -1 (a placeholder) the token input is mask_embedding; the caller gives the
         placeholder's hidden input there (`placeholder_hidden`, a constant at inference that a proposer fuses once)."""

@@ -117,6 +117,16 @@ def test_bad_values_say_what_and_where(override, message):
         load_config(None, REQUIRED + [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("drafter.cod_ratio=1.5", r"drafter\.cod_ratio=1\.5 is EAGLE-3's \(drafter\.version=3\) and must be in \(0, 1\]"),
+    ("drafter.version=1", r"drafter\.cod_ratio=0\.7 is EAGLE-3's"),
+    ("drafter.cod_min=0", r"drafter\.cod_min=0\.0 must be in \(0, 1\]"),
+])
+def test_cod_settings_say_what_and_where(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, REQUIRED + ["drafter.kind=eagle", "drafter.cod_ratio=0.7", override])
+
+
 def test_yaml_values_must_have_the_field_type(tmp_path):
     with pytest.raises(ConfigError, match=r"training\.epochs=1\.5 is not a valid int"):
         load_config(write(tmp_path, "target: a\noutput_dir: b\ntraining:\n  epochs: 1.5\n"))

@@ -196,6 +196,36 @@ def test_ttt_attention_fused_equals_unfused(steps, mask_rows):
     assert results[0][0].shape == (B, n, 4, D)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_ttt_attention_with_cod_steps_equals_the_masked_attention(fused):
+    """COD: a query at m of n anchors (one random order) after later steps of n_1 >= n_2 = m anchors, row r of each
+    the query's anchor r. ttt_attention equals SDPA over all keys with the mask [those anchors' causal rows |
+    eye(m, n_b) per later step], in outputs and gradients (GQA: 4 heads, 2 kv)."""
+    g = torch.Generator().manual_seed(0)
+    B, n, D, sizes = 2, 9, 8, [6, 4]
+    m = sizes[-1]
+    at = torch.randperm(n, generator=g)[:m]
+    q = torch.randn(B, 4, m, D, generator=g, requires_grad=True)
+    k = torch.randn(B, 2, n + sum(sizes), D, generator=g, requires_grad=True)
+    v = torch.randn(B, 2, n + sum(sizes), D, generator=g, requires_grad=True)
+    allowed = torch.cat([torch.ones(n, n, dtype=torch.bool).tril()[at]]
+                        + [torch.eye(m, size, dtype=torch.bool) for size in sizes], dim=-1)      # [m, n + 6 + 4]
+    upstream = torch.randn(B, m, 4, D, generator=g)
+
+    def with_grads(out):
+        return (out, *torch.autograd.grad((out * upstream).sum(), [q, k, v]))
+
+    direct = with_grads(ttt_attention(q, k, v, causal_mask(n, torch.float32, "cpu")[:, :, at], 0.3, fused=fused,
+                                      sizes=sizes))
+    masked = with_grads(torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), attn_mask=allowed, scale=0.3).transpose(1, 2))
+    for a, b in zip(direct, masked):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert direct[0].shape == (B, m, 4, D)
+    with pytest.raises(ValueError, match="step sizes"):
+        ttt_attention(q, k, v, causal_mask(n, torch.float32, "cpu")[:, :, at], 0.3, sizes=[7, 3])
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_ttt_attention_equals_the_masked_attention(arch):
     """drafters.eagle.ttt_attention (one causal block + diagonal dot products) gives the outputs and gradients of

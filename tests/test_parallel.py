@@ -58,6 +58,41 @@ def test_peagle_training_step_equals_the_one_forward_draft():
             assert torch.allclose(out[n - 1 + i], unrolled[i][j], atol=1e-5), (j, i)
 
 
+@pytest.mark.parametrize("parallel_drafts", [None, 3])
+def test_cod_steps_run_nested_anchors_and_compute_what_the_full_unrolling_does(parallel_drafts):
+    """COD (cod_ratio 0.5, floor 0.3), EAGLE-3 and P-EAGLE: in training, step i runs ceil(n max(0.5^i, 0.3)) anchors,
+    each among step i-1's, and computes at each exactly what the full unrolling (which equals drafting, the tests
+    above and in test_eagle.py) computes there, and supervises only those; held-out (eval) runs every anchor."""
+    target = make_tiny_target()
+    drafter = EagleModel.from_target(target, version=3, parallel_drafts=parallel_drafts)
+    objective = Eagle3Objective(drafter, target, steps=3, cod_ratio=0.5, cod_min=0.3)
+    ids = greedy_text(target, n_rows=2, length=14)
+    ones, loss_mask = torch.ones_like(ids), torch.ones_like(ids)
+    loss_mask[:, :6] = 0  # a prompt: COD runs the supervised anchors first
+    captured, drawn = [], []
+    drafter.register_forward_hook(lambda m, args, out: captured.append(out) and None)
+    draw = objective.cod_anchors
+    objective.cod_anchors = lambda n, supervised: drawn.append(draw(n, supervised)) or drawn[-1]
+    _, full_stats = objective.eval()(ids, ones, loss_mask)
+    full = captured[:]
+    captured.clear()
+    _, stats = objective.train()(ids, ones, loss_mask)
+    B, T = ids.shape
+    n = T - 1
+    anchors, sizes = drawn[-1]
+    assert drawn[0][1] == [n] * 3 and sizes == [n, math.ceil(n * 0.5), math.ceil(n * 0.3)]
+    assert sorted(anchors.tolist()) == list(range(n))
+    for i in range(3):
+        kept = anchors[:sizes[i]] if i else torch.arange(n)
+        assert captured[i].shape == (B, sizes[i], drafter.config.hidden)
+        torch.testing.assert_close(captured[i], full[i][:, kept], atol=1e-5, rtol=1e-5)
+        # supervised: anchors whose step-i token x_{j+1+i} is followed by an answer token
+        supervised = lambda j: (j + 2 + i >= 6) & (j + 2 + i < T)
+        assert stats[i, 2] == B * int(supervised(kept).sum())
+        assert full_stats[i, 2] == B * int(supervised(torch.arange(n)).sum())
+    assert sizes[1] <= T - 6 and (anchors[:sizes[1]] + 3 >= 6).all()  # step 1 ran supervised anchors only
+
+
 def test_peagle_placeholders_are_trained_and_the_target_is_not():
     target = make_tiny_target()
     drafter = EagleModel.from_target(target, version=3, parallel_drafts=3)

@@ -94,6 +94,8 @@ class EagleDrafter:
     ttt_steps: int = 7  # EAGLE-3: training-time-test steps unrolled per position
     parallel: bool = False  # P-EAGLE: draft the ttt_steps depths in one forward (placeholders after the first)
     step_decay: float = 0.8  # EAGLE-3: step i's loss weighs step_decay**i
+    cod_ratio: float | None = None  # EAGLE-3/P-EAGLE COD: step i trains on max(r^i, cod_min) of the anchors; null: all
+    cod_min: float = 0.2  # COD's floor (speculators' P-EAGLE: ratio 0.7, floor 0.2)
     cls_weight: float = 0.1  # EAGLE-1: weight of the token (classification) loss
     reg_weight: float = 1.0  # EAGLE-1: weight of the feature regression (SmoothL1) loss
     feature_noise: float = 0.0  # EAGLE-1: uniform noise U(-a, a) on the input features during training
@@ -110,6 +112,9 @@ class EagleDrafter:
         _check(not self.parallel or (self.version == 3 and self.ttt_steps >= 2), "drafter.parallel", self.parallel,
                "is P-EAGLE, built on EAGLE-3 (drafter.version=3) with drafter.ttt_steps >= 2 depths")
         _check(self.step_decay > 0, "drafter.step_decay", self.step_decay, "must be > 0")
+        _check(self.cod_ratio is None or (self.version == 3 and 0 < self.cod_ratio <= 1), "drafter.cod_ratio",
+               self.cod_ratio, "is EAGLE-3's (drafter.version=3) and must be in (0, 1], or null (every anchor)")
+        _check(0 < self.cod_min <= 1, "drafter.cod_min", self.cod_min, "must be in (0, 1]")
         _check(self.cls_weight >= 0 and self.reg_weight >= 0 and self.cls_weight + self.reg_weight > 0,
                "drafter.cls_weight/reg_weight", (self.cls_weight, self.reg_weight), "must be >= 0, not both 0")
         _check(self.feature_noise >= 0, "drafter.feature_noise", self.feature_noise, "must be >= 0")

@@ -15,11 +15,17 @@ tokens past a verified prefix ending at j (drafters.eagle.ttt_attention).
 P-EAGLE (drafter.config.parallel_drafts = K): the same unrolling with `steps` = K, but step i >= 1 reads
 placeholders (token id -1: the drafter's mask_embedding and mask_hidden) instead of x_{j+1+i} and its own step i-1
 output: exactly what one drafting forward sees at depth i + 1, where neither is known yet.
+COD (the P-EAGLE paper's down-sampling, as speculators trains it; `cod_ratio` r): in training, step i >= 1 runs only
+ceil(n max(r^i, cod_min)) of the n anchors, the first of one random order (supervised anchors first, the same for
+every row), so each is among the previous step's and its chain of steps stays whole (ttt_attention's `sizes`):
+deep steps cost less. Held-out measurements run all.
 Loss of step i: soft-label CE to the target's distribution over the draft vocabulary (the target's logits at the
 draft ids, renormalised), weighted decay**i. A position whose target
 greedy token has no draft id cannot be drafted right; it is left out of loss and accuracy and counted apart.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -112,13 +118,27 @@ class Eagle3Objective(nn.Module):
     in `self.outside` [steps] by the last call. With `topk` > 0 (held-out measurement) the last call also counts
     in `rank_hits` [steps, topk] the positions where the drafter's rank-i token is the target's (both objectives)."""
 
-    def __init__(self, drafter: EagleModel, target: nn.Module, steps: int = 7, step_decay: float = 0.8):
+    def __init__(self, drafter: EagleModel, target: nn.Module, steps: int = 7, step_decay: float = 0.8,
+                 cod_ratio: float | None = None, cod_min: float = 0.2):
+        """cod_ratio r (training only): step i keeps max(r^i, cod_min) of the anchors (module docstring)."""
         super().__init__()
         self.drafter = drafter
         self._target = [target]
         self.steps, self.step_decay = steps, step_decay
+        self.cod_ratio, self.cod_min = cod_ratio, cod_min
         self.outside = torch.zeros(steps, dtype=torch.float64)
         self.topk, self.rank_hits = 0, None
+
+    def cod_anchors(self, n: int, supervised: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """COD (P-EAGLE's down-sampling): one random order of the n anchors [n], those `supervised` [n] at step 1
+        (in some row) first, and the anchors of every step [n, n_1, ..., n_{K-1}], n_i = ceil(n max(r^i, cod_min));
+        step i runs the first n_i of the order, so each step's anchors are among the previous step's. All n
+        everywhere without COD or in eval mode (held-out measurements see every anchor)."""
+        if self.cod_ratio is None or not self.training:
+            return torch.arange(n, device=supervised.device), [n] * self.steps
+        sizes = [n] + [max(1, math.ceil(n * max(self.cod_ratio ** i, self.cod_min))) for i in range(1, self.steps)]
+        key = torch.rand(n).to(supervised.device) - supervised.float()                 # supervised ones sort first
+        return key.argsort(), sizes
 
     @torch.no_grad()
     def teacher(self, input_ids, attention_mask, loss_mask, features=None, hidden=None
@@ -170,14 +190,21 @@ class Eagle3Objective(nn.Module):
         stats = torch.zeros(self.steps, 3, dtype=torch.float64)
         self.rank_hits = torch.zeros(self.steps, self.topk, dtype=torch.float64)
         parallel = bool(d.config.parallel_drafts)
+        cod = self.cod_ratio is not None and self.training
+        anchors, sizes = self.cod_anchors(n, (rows[:, 2:2 + n] >= 0).any(0))
         for i in range(self.steps):
             # 1. step i's inputs at anchor j: token x_{j+1+i}, hidden = step i-1's output (step 0: fused features);
-            # P-EAGLE's steps i >= 1: placeholders
-            pos = (torch.arange(n, device=device) + i)[None].expand(B, n)
-            step_tokens = tokens[:, 1 + i:1 + i + n] if not (parallel and i) else tokens.new_full((B, n), -1)
-            out = d(step_tokens, h, pos, causal, cache, ttt=True)                          # [B, n, H]
+            # P-EAGLE's steps i >= 1: placeholders. COD: step i >= 1 runs the first sizes[i] anchors of one order
+            at = anchors[:sizes[i]] if i else torch.arange(n, device=device)            # [m]
+            m_i = sizes[i]
+            if cod and i:  # step 0 ran every anchor in order, step i - 1 the first sizes[i - 1] of `anchors`
+                h = h[:, at] if i == 1 and not parallel else h[:, :m_i]
+            pos = (at + i)[None].expand(B, m_i)
+            step_tokens = tokens[:, 1 + i + at] if not (parallel and i) else tokens.new_full((B, m_i), -1)
+            mask = causal[:, :, at] if cod and i else causal                            # [1, 1, m, n]
+            out = d(step_tokens, h, pos, mask, cache, ttt=sizes[1:i + 1] if cod else True)  # [B, m, H]
             # 2. supervised where the target's next-token distribution at position j+1+i was kept
-            r = rows[:, 1 + i:1 + i + n]                                                # [B, n]
+            r = rows[:, 1 + i + at]                                                     # [B, m]
             valid = r >= 0
             self.outside[i] = float((r == -2).sum())
             m = int(valid.sum())
@@ -189,7 +216,7 @@ class Eagle3Objective(nn.Module):
                 if self.topk:
                     self.rank_hits[i] += rank_hits(logits, greedy[rows_i], self.topk)
             # 3. the training-time test: the next step reads this step's own output (P-EAGLE: the placeholder's)
-            h = d.placeholder_hidden().expand(B, n, -1) if parallel else out
+            h = d.placeholder_hidden().expand(B, m_i, -1) if parallel else out
         if not isinstance(loss, torch.Tensor):  # nothing supervised: zero loss touching every parameter
             loss = sum(p.sum() * 0 for p in d.parameters())
         return loss, stats

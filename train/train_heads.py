@@ -118,7 +118,7 @@ class EagleRecipe(recipe.Recipe):
         dc = self.cfg.drafter
         if dc.version == 1:
             return Eagle1Objective(drafter, self.target, dc.cls_weight, dc.reg_weight, dc.feature_noise)
-        return Eagle3Objective(drafter, self.target, dc.ttt_steps, dc.step_decay)
+        return Eagle3Objective(drafter, self.target, dc.ttt_steps, dc.step_decay, dc.cod_ratio, dc.cod_min)
 
     def inference_drafter(self, state: dict, measure: bool = True) -> EagleModel:
         """The trained drafter in the target's dtype, with held-out top-1 accuracy per draft step recorded."""
