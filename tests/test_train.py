@@ -302,7 +302,8 @@ def test_bench_step_measures_every_drafter_at_a_shape(tmp_path):
 
     out = tmp_path / "rows.json"
     rows = bench_step.main(["--shape", "tiny", "--batch-size", "2", "--seq-len", "32", "--dtype", "float32",
-                            "--warmup", "0", "--repeats", "1", "--ttt-steps", "2", "--output", str(out)])
+                            "--warmup", "0", "--repeats", "1", "--ttt-steps", "2", "--cod-ratio", "0.5",
+                            "--output", str(out)])
     assert [r["drafter"] for r in rows] == list(bench_step.DRAFTERS)
     for r in rows:
         assert r["first_param_changed"], r["drafter"]
@@ -311,6 +312,7 @@ def test_bench_step_measures_every_drafter_at_a_shape(tmp_path):
     assert json.loads(out.read_text()) == rows
     with pytest.raises(ValueError, match="--shape 'huge'"):
         bench_step.main(["--shape", "huge"])
-    for bad in (["--drafters", "medusa,hydra"], ["--seq-len", "2"], ["--ttt-steps", "0"], ["--assistant", "0"]):
+    for bad in (["--drafters", "medusa,hydra"], ["--seq-len", "2"], ["--ttt-steps", "0"], ["--assistant", "0"],
+                ["--cod-ratio", "1.5"]):
         with pytest.raises(SystemExit):
             bench_step.main(["--shape", "tiny", *bad])

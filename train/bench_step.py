@@ -2,6 +2,7 @@
 
     python -m train.bench_step --shape llama3-8b --batch-size 4 --seq-len 2048 --dtype bfloat16
     python -m train.bench_step --shape smollm2-135m --drafters eagle3 --ttt-steps 3 --dtype float32
+    python -m train.bench_step --shape smollm2-135m --drafters peagle --cod-ratio 0.7 --dtype float32
 
 train.step_time measures a config's real recipe (real target, real data, the DeepSpeed engine) on this machine;
 this measures the same objectives (train/objectives.py, train/eagle_objective.py) at shapes nobody can download
@@ -35,7 +36,7 @@ SHAPES = {  # LlamaConfig fields of targets of known size
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
 }
-DRAFTERS = ("medusa", "eagle1", "eagle3", "draft_lm")
+DRAFTERS = ("medusa", "eagle1", "eagle3", "peagle", "draft_lm")
 
 
 def random_target(shape: str, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
@@ -66,10 +67,12 @@ def objective_for(kind: str, target: LlamaForCausalLM, args) -> torch.nn.Module:
     elif kind == "eagle1":
         drafter = EagleModel.from_target(target, version=1)
         make = lambda d: Eagle1Objective(d, target)  # noqa: E731
-    elif kind == "eagle3":
+    elif kind in ("eagle3", "peagle"):  # P-EAGLE: the ttt steps are its depths, drafted with placeholders
         vocab = list(range(min(args.draft_vocab, target.config.vocab_size)))
-        drafter = EagleModel.from_target(target, version=3, draft_vocab=vocab)
-        make = lambda d: Eagle3Objective(d, target, steps=args.ttt_steps)  # noqa: E731
+        parallel = args.ttt_steps if kind == "peagle" else None
+        drafter = EagleModel.from_target(target, version=3, draft_vocab=vocab, parallel_drafts=parallel)
+        make = lambda d: Eagle3Objective(d, target, args.ttt_steps, cod_ratio=args.cod_ratio,  # noqa: E731
+                                         cod_min=args.cod_min)
     elif kind == "draft_lm":
         return DraftLMObjective(build_draft_lm(target, num_layers=2), target, {"forward_kl": 1.0}).train()
     else:
@@ -112,7 +115,7 @@ def measure(kind: str, target, batch: dict, args) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--shape", default="smollm2-135m", help=", ".join(SHAPES))
-    p.add_argument("--drafters", default="medusa,eagle1,eagle3,draft_lm")
+    p.add_argument("--drafters", default=",".join(DRAFTERS))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--assistant", type=float, default=0.6, help="supervised share of every row")
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ttt-steps", type=int, default=7)
     p.add_argument("--draft-vocab", type=int, default=32000)
+    p.add_argument("--cod-ratio", type=float, help="eagle3/peagle: COD down-sampling of deep steps (drafter.cod_ratio)")
+    p.add_argument("--cod-min", type=float, default=0.2, help="COD's floor (drafter.cod_min)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output", help="write the rows as JSON here")
@@ -132,6 +137,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
+    for name in ("cod_ratio", "cod_min"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value <= 1:
+            p.error(f"--{name.replace('_', '-')} {value}: a share in (0, 1]")
     kinds = args.drafters.split(",")
     for k in kinds:
         if k not in DRAFTERS:
@@ -146,7 +155,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for kind in kinds:
         row = measure(kind, target, batch, args)
         row.update(shape=args.shape, dtype=args.dtype, device=device, batch=[args.batch_size, args.seq_len],
-                   ttt_steps=args.ttt_steps if kind == "eagle3" else None)
+                   ttt_steps=args.ttt_steps if kind in ("eagle3", "peagle") else None,
+                   cod_ratio=args.cod_ratio if kind in ("eagle3", "peagle") else None)
         rows.append(row)
         mem = f", peak {row['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in row else ""
         print(f"{kind:9s} {row['trainable_params'] / 1e6:9.1f} M trainable | target forward "
