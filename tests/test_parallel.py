@@ -273,6 +273,26 @@ def test_parallel_drafters_train_save_and_evaluate_losslessly(assets, tmp_path, 
     assert report["lossless"]["mismatches"] == 0 and report["lossless"]["checked"] == 3
 
 
+@pytest.mark.parametrize("config", ["peagle_tiny", "dflash_tiny"])
+def test_random_anchor_recipes_resume_bit_exactly(assets, tmp_path, config):
+    """COD's anchors (P-EAGLE) and DFlash's blocks are drawn at random every step: a run stopped after step 1 and
+    resumed draws what the uninterrupted run drew (the checkpoint's RNG state), so losses and weights agree."""
+    from tiny_assets import metric_rows, tiny_overrides
+    from train.config import load_config
+    from train.train_heads import run
+
+    common = ("training.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=1")
+    path = str(REPO / "configs" / f"{config}.yaml")
+    full = run(load_config(path, tiny_overrides(assets, tmp_path / "full", *common)))
+    stopped = run(load_config(path, tiny_overrides(assets, tmp_path / "split", *common, "training.stop_after=1")))
+    assert not stopped.finished and stopped.step == 1
+    resumed = run(load_config(path, tiny_overrides(assets, tmp_path / "split", *common)))
+    assert resumed.finished and resumed.step == 3
+    assert metric_rows(tmp_path / "split") == metric_rows(tmp_path / "full")
+    for (name, p), q in zip(full.drafter.named_parameters(), resumed.drafter.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize("kind", ["peagle", "dflash"])
 def test_parallel_drafters_sample_the_targets_distribution(kind):
     """At temperature 1 the whole loop with a one-forward tree (top-k drafts: point masses) emits sequences
