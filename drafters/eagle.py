@@ -37,7 +37,6 @@ from transformers import AttentionInterface, AutoConfig, PretrainedConfig, PreTr
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
-
 class EagleConfig(PretrainedConfig):
     model_type = "draftsmith_eagle"
 
