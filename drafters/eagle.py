@@ -211,10 +211,10 @@ def _ttt_attention_fused(query, key, value, attention_mask, scaling, sizes) -> t
     h, m = query.shape[1], query.shape[2]
     kv = key.shape[1]
     block0 = attention_mask.to(query.dtype)                                     # [B or 1, 1, m, n]
-    low = torch.finfo(query.dtype).min
-    diagonals = [torch.zeros(m, size, dtype=query.dtype, device=query.device).masked_fill_(
-        ~torch.eye(m, size, dtype=torch.bool, device=query.device), low).expand(*block0.shape[:2], m, size)
-        for size in sizes]
+    widest = max(sizes, default=m)  # eye(m, widest)[:, :size] is eye(m, size): one diagonal serves every step
+    diagonal = torch.zeros(m, widest, dtype=query.dtype, device=query.device).masked_fill_(
+        ~torch.eye(m, widest, dtype=torch.bool, device=query.device), torch.finfo(query.dtype).min)
+    diagonals = [diagonal[:, :size].expand(*block0.shape[:2], m, size) for size in sizes]
     mask = torch.cat([block0, *diagonals], dim=-1)                              # [B or 1, 1, m, n + sum(sizes)]
     k, v = key.repeat_interleave(h // kv, dim=1), value.repeat_interleave(h // kv, dim=1)  # [B, h, keys, D]
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
