@@ -80,7 +80,7 @@ def test_cod_steps_run_nested_anchors_and_compute_what_the_full_unrolling_does(p
     B, T = ids.shape
     n = T - 1
     anchors, sizes = drawn[-1]
-    assert drawn[0][1] == [n] * 3 and sizes == [n, math.ceil(n * 0.5), math.ceil(n * 0.3)]
+    assert drawn[0] == (None, [n] * 3) and sizes == [n, math.ceil(n * 0.5), math.ceil(n * 0.3)]
     assert sorted(anchors.tolist()) == list(range(n))
     for i in range(3):
         kept = anchors[:sizes[i]] if i else torch.arange(n)

@@ -129,13 +129,13 @@ class Eagle3Objective(nn.Module):
         self.outside = torch.zeros(steps, dtype=torch.float64)
         self.topk, self.rank_hits = 0, None
 
-    def cod_anchors(self, n: int, supervised: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def cod_anchors(self, n: int, supervised: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
         """COD (P-EAGLE's down-sampling): one random order of the n anchors [n], those `supervised` [n] at step 1
         (in some row) first, and the anchors of every step [n, n_1, ..., n_{K-1}], n_i = ceil(n max(r^i, cod_min));
-        step i runs the first n_i of the order, so each step's anchors are among the previous step's. All n
-        everywhere without COD or in eval mode (held-out measurements see every anchor)."""
+        step i runs the first n_i of the order, so each step's anchors are among the previous step's. Without COD
+        or in eval mode (held-out measurements see every anchor): no order, and all n at every step."""
         if self.cod_ratio is None or not self.training:
-            return torch.arange(n, device=supervised.device), [n] * self.steps
+            return None, [n] * self.steps
         sizes = [n] + [max(1, math.ceil(n * max(self.cod_ratio ** i, self.cod_min))) for i in range(1, self.steps)]
         key = torch.rand(n).to(supervised.device) - supervised.float()                 # supervised ones sort first
         return key.argsort(), sizes
@@ -190,12 +190,12 @@ class Eagle3Objective(nn.Module):
         stats = torch.zeros(self.steps, 3, dtype=torch.float64)
         self.rank_hits = torch.zeros(self.steps, self.topk, dtype=torch.float64)
         parallel = bool(d.config.parallel_drafts)
-        cod = self.cod_ratio is not None and self.training
         anchors, sizes = self.cod_anchors(n, (rows[:, 2:2 + n] >= 0).any(0))
+        cod = anchors is not None
         for i in range(self.steps):
             # 1. step i's inputs at anchor j: token x_{j+1+i}, hidden = step i-1's output (step 0: fused features);
             # P-EAGLE's steps i >= 1: placeholders. COD: step i >= 1 runs the first sizes[i] anchors of one order
-            at = anchors[:sizes[i]] if i else torch.arange(n, device=device)            # [m]
+            at = anchors[:sizes[i]] if cod and i else torch.arange(n, device=device)    # [m]
             m_i = sizes[i]
             if cod and i:  # step 0 ran every anchor in order, step i - 1 the first sizes[i - 1] of `anchors`
                 h = h[:, at] if i == 1 and not parallel else h[:, :m_i]
