@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for kind in kinds:
         row = measure(kind, target, batch, args)
+        ttt = kind in ("eagle3", "peagle")
         row.update(shape=args.shape, dtype=args.dtype, device=device, batch=[args.batch_size, args.seq_len],
-                   ttt_steps=args.ttt_steps if kind in ("eagle3", "peagle") else None,
-                   cod_ratio=args.cod_ratio if kind in ("eagle3", "peagle") else None)
+                   ttt_steps=args.ttt_steps if ttt else None, cod_ratio=args.cod_ratio if ttt else None)
         rows.append(row)
         mem = f", peak {row['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in row else ""
         print(f"{kind:9s} {row['trainable_params'] / 1e6:9.1f} M trainable | target forward "
